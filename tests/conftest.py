@@ -1,0 +1,30 @@
+"""Shared fixtures: where the golden reference data lives."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GOLDEN_DIR = Path(os.environ.get("QWEN_VL_GOLDEN", REPO_ROOT.parent / "shared" / "golden")).resolve()
+CHECKPOINT_DIR = GOLDEN_DIR / "checkpoint"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not GOLDEN_DIR.is_dir():
+        pytest.fail(f"golden data not found at {GOLDEN_DIR} (set QWEN_VL_GOLDEN)")
+    return GOLDEN_DIR
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(golden_dir: Path) -> Path:
+    return golden_dir / "checkpoint"
