@@ -28,3 +28,19 @@ def golden_dir() -> Path:
 @pytest.fixture(scope="session")
 def checkpoint_dir(golden_dir: Path) -> Path:
     return golden_dir / "checkpoint"
+
+
+@pytest.fixture(scope="session")
+def tokenizer(checkpoint_dir: Path):
+    import qwen_vl
+
+    return qwen_vl.QWenTokenizer.from_pretrained(checkpoint_dir)
+
+
+@pytest.fixture(scope="session")
+def fp32_model(checkpoint_dir: Path):
+    import torch
+
+    import qwen_vl
+
+    return qwen_vl.QWenLMHeadModel.from_pretrained(checkpoint_dir, torch_dtype=torch.float32, device="cpu")

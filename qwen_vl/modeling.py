@@ -1,0 +1,257 @@
+"""``QWenLMHeadModel``: the public model class, named as in the official code.
+
+It is the network (``transformer`` + ``lm_head``) plus loading, generation and the
+chat methods users know. Loading builds the modules on the meta device and assigns
+the checkpoint's tensors in place (see ``model.loading``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import QWenConfig
+from .images import ImagePolicy, image_transform, load_image
+from .model.image_spans import ImageSpan, span_reference
+from .model.loading import load_weights
+from .model.network import QWenModel
+
+DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+#: Keyword arguments of hub-based loaders that mean nothing for a local directory.
+IGNORED_LOAD_KWARGS = {
+    "trust_remote_code",
+    "revision",
+    "cache_dir",
+    "local_files_only",
+    "low_cpu_mem_usage",
+    "use_safetensors",
+    "force_download",
+    "token",
+    "subfolder",
+    "_from_auto",
+    "_from_pipeline",
+    "_commit_hash",
+    "adapter_kwargs",
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config: QWenConfig) -> torch.dtype:
+    """``"auto"`` → the config's ``torch_dtype``; names like "bf16" → torch dtypes."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        configured = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if configured is None:
+            return torch.float32
+        return configured if isinstance(configured, torch.dtype) else resolve_dtype(str(configured), config)
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(sorted(DTYPE_NAMES))}")
+    return DTYPE_NAMES[name]
+
+
+class QWenPreTrainedModel(PreTrainedModel):
+    config_class = QWenConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["QWenBlock", "VisualAttentionBlock"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+
+class QWenLMHeadModel(QWenPreTrainedModel):
+    """Qwen-VL / Qwen-VL-Chat: vision tower + resampler + Qwen LLM + LM head."""
+
+    def __init__(self, config: QWenConfig) -> None:
+        super().__init__(config)
+        self.transformer = QWenModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.image_policy = ImagePolicy()
+        self.generation_config = GenerationConfig(
+            chat_format="chatml", max_window_size=6144, eos_token_id=151643, pad_token_id=151643
+        )
+
+    # ----- loading ---------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *model_args: Any,
+        config: QWenConfig | None = None,
+        torch_dtype: str | torch.dtype | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        device_map: str | torch.device | None = None,
+        image_policy: ImagePolicy | None = None,
+        **kwargs: Any,
+    ) -> QWenLMHeadModel:
+        """Load an official checkpoint directory (sharded or single ``.bin`` /
+        ``.safetensors``) into ``dtype`` ("auto" = the config's) on ``device``."""
+        if model_args:
+            raise TypeError(f"unexpected positional arguments: {model_args!r}")
+        unknown = set(kwargs) - IGNORED_LOAD_KWARGS
+        if unknown:
+            raise TypeError(f"from_pretrained got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        ckpt_dir = Path(pretrained_model_name_or_path)
+        if not ckpt_dir.is_dir():
+            raise FileNotFoundError(
+                f"{ckpt_dir}: not a checkpoint directory (models are loaded from a local folder holding "
+                "config.json and the weight files; nothing is downloaded)"
+            )
+        if config is None:
+            config = QWenConfig.from_pretrained(ckpt_dir)
+        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+            raise ValueError("give either dtype or torch_dtype, not both")
+        compute_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
+        target = torch.device(device if device is not None else (device_map if device_map not in (None, "auto") else "cpu"))
+        if device_map == "auto" and device is None:
+            target = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        with torch.device("meta"):
+            model = cls(config)
+        tied = {"lm_head.weight": "transformer.wte.weight"} if config.tie_word_embeddings else {}
+        load_weights(model, ckpt_dir, compute_dtype, target, tied=tied)
+        model.config.dtype = compute_dtype
+        model.eval()
+        if image_policy is not None:
+            model.image_policy = image_policy
+        if (ckpt_dir / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(ckpt_dir)
+        model.name_or_path = str(ckpt_dir)
+        return model
+
+    # ----- forward ---------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.transformer.wte = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def span_encoder(self, images: Sequence[Any] | None):
+        """Image encoder for the spans of a prompt: the given ``images`` in span
+        order, or else the paths/URLs written in the spans, opened under
+        ``self.image_policy``."""
+        visual = self.transformer.visual
+        size = int(self.config.visual["image_size"])
+
+        def encode(input_ids: torch.Tensor, spans: list[ImageSpan]) -> torch.Tensor:
+            if isinstance(images, Mapping):
+                refs = [span_reference(input_ids, s, self.config.image_pad_id) for s in spans]
+                missing = [r for r in refs if r not in images]
+                if missing:
+                    raise ValueError(f"no image given for <img> spans: {', '.join(missing)}")
+                sources = [images[r] for r in refs]
+            elif images is not None:
+                if len(images) != len(spans):
+                    raise ValueError(f"{len(images)} images given for {len(spans)} <img> spans in the prompt")
+                sources = list(images)
+            else:
+                sources = [span_reference(input_ids, s, self.config.image_pad_id) for s in spans]
+            pixels = []
+            for source in sources:
+                if isinstance(source, torch.Tensor):
+                    pixels.append(source)
+                else:
+                    pixels.append(image_transform(load_image(source, self.image_policy), size))
+            batch = torch.stack(pixels).to(device=input_ids.device)  # (N, 3, S, S)
+            return visual(batch)
+
+        return encode
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        images: Sequence[Any] | None = None,
+        kv_cache=None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Logits (B, T, vocab) for ``input_ids`` (B, T).
+
+        ``images`` (PIL images, paths, bytes, or pixel tensors (3, S, S)) fill the
+        ``<img>`` spans in order; without them the spans' own paths are opened
+        under ``self.image_policy``. ``logits_to_keep`` > 0 computes logits of the
+        last positions only. ``labels`` (-100 = ignored) give a shifted LM loss.
+        """
+        for unused in ("past_key_values", "use_cache", "position_ids", "token_type_ids", "output_attentions"):
+            kwargs.pop(unused, None)
+        if kwargs:
+            raise TypeError(f"forward got unexpected keyword arguments: {', '.join(sorted(kwargs))}")
+        want_hidden = bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
+        h, hidden_states = self.transformer(
+            input_ids,
+            attention_mask=attention_mask,
+            kv_cache=kv_cache,
+            encode_spans=self.span_encoder(images),
+            output_hidden_states=want_hidden,
+        )
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].float()
+            shift_labels = labels[:, 1:].to(logits.device)
+            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1))
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=kv_cache,
+            hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+        )
+
+    # ----- generation and chat --------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Prompt ids (B, T) followed by the generated ids (B, T + n); see
+        ``qwen_vl.engine.generate.generate`` for the arguments."""
+        from .engine.generate import generate
+
+        return generate(self, input_ids, **kwargs)
+
+    def chat(self, tokenizer, query: str, history=None, **kwargs: Any) -> tuple[str, list[tuple[str, str]]]:
+        """One chat turn: ``(response, history + [(query, response)])``; see ``qwen_vl.chat.chat``."""
+        from .chat import chat
+
+        return chat(self, tokenizer, query, history, **kwargs)
+
+    def chat_stream(self, tokenizer, query: str, history=None, **kwargs: Any) -> Iterator[str]:
+        """Stream one chat turn's response text; see ``qwen_vl.chat.chat_stream``."""
+        from .chat import chat_stream
+
+        return chat_stream(self, tokenizer, query, history, **kwargs)
