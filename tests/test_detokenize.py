@@ -12,9 +12,7 @@ from hypothesis import strategies as st
 
 from qwen_vl.engine.detokenize import IncrementalDetokenizer
 
-QWEN_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 # Characters of 1 to 4 UTF-8 bytes, common and rare, so that tokens split characters.
 ALPHABET = "ab Z9,.\n中文字你好世界鱻龘𠀀𠀁𪚥한국العαβдж€😀🙂👍🏽🧑‍💻𝔘𓀀\u0301"
 
@@ -142,6 +140,30 @@ def test_window_stays_small_when_every_token_splits_a_character(encoding) -> Non
     assert "".join(pieces) == "中" * 200
     assert max(calls) <= 12
     assert len(calls) <= 3 * len(ids)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(alphabet=ALPHABET, min_size=1, max_size=120),
+    sizes=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+)
+def test_any_byte_chunking_is_whole_characters_with_a_small_window(text: str, sizes: list[int]) -> None:
+    """Tokens are the text's bytes cut cyclically by ``sizes``, often inside characters for many tokens in a row."""
+    data, chunks, i = text.encode(), [], 0
+    while i < len(data):
+        chunks.append(data[i : i + sizes[len(chunks) % len(sizes)]])
+        i += len(chunks[-1])
+    calls: list[int] = []
+
+    def decode(window: list[int]) -> str:
+        calls.append(len(window))
+        return b"".join(chunks[j] for j in window).decode("utf-8", errors="replace")
+
+    pieces = run(IncrementalDetokenizer(decode), list(range(len(chunks))))
+    assert not any("\ufffd" in p for p in pieces)
+    assert "".join(pieces) == text
+    assert max(calls) <= 20
+    assert len(calls) <= 2 * len(chunks) + 1
 
 
 @settings(max_examples=300, deadline=None)

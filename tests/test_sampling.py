@@ -263,3 +263,18 @@ def test_from_generation_config() -> None:
 def test_shape_errors() -> None:
     with pytest.raises(ValueError, match="generators"):
         select_next_tokens(torch.zeros(2, V), None, None, SamplingParams(do_sample=True), [None])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu() -> None:
+    scores, ids = random_case(4, 6, seed=16)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, :2] = False
+    greedy = SamplingParams(repetition_penalty=1.4)
+    cpu = select_next_tokens(scores, ids, mask, greedy)
+    gpu = select_next_tokens(scores.cuda(), ids.cuda(), mask.cuda(), greedy)
+    assert torch.equal(cpu, gpu.cpu())
+    params = [SamplingParams(do_sample=True, top_k=5, top_p=0.8, seed=i) for i in range(3)] + [greedy]
+    gens = make_generators(params, "cuda")
+    out = select_next_tokens(scores.cuda(), ids.cuda(), mask.cuda(), params, gens)
+    assert out.device.type == "cuda" and out.shape == (4,) and out[3].item() == cpu[3].item()

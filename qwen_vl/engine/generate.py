@@ -145,10 +145,11 @@ def generate_stream(
 
 
 def _generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    if not params.do_sample:
+    """A per-row generator for seeded sampling rows; unseeded rows draw from the global RNG."""
+    if not params.do_sample or params.seed is None:
         return None
     g = torch.Generator(device=device)
-    g.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+    g.manual_seed(params.seed)
     return g
 
 
