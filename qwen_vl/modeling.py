@@ -20,8 +20,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .config import QWenConfig
 from .images import ImagePolicy, image_transform, load_image
 from .model.image_spans import ImageSpan, span_reference
+from .model.llm import RMSNorm
 from .model.loading import load_weights
 from .model.network import QWenModel
+from .model.vision import VisionTransformer
 
 DTYPE_NAMES = {
     "float32": torch.float32,
@@ -77,13 +79,23 @@ class QWenPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
+        """Random initialisation for models built from a config (not loaded)."""
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
+        if isinstance(module, VisionTransformer):
+            module.init_weights()
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, nn.Linear) and not _inside_vision(self, module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+
+
+def _inside_vision(model: nn.Module, module: nn.Module) -> bool:
+    visual = getattr(getattr(model, "transformer", None), "visual", None)
+    return visual is not None and any(m is module for m in visual.modules())
 
 
 class QWenLMHeadModel(QWenPreTrainedModel):
@@ -99,6 +111,7 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         self.generation_config = GenerationConfig(
             chat_format="chatml", max_window_size=6144, eos_token_id=151643, pad_token_id=151643
         )
+        self.post_init()
 
     # ----- loading ---------------------------------------------------------
     @classmethod

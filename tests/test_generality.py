@@ -114,7 +114,7 @@ def test_batched_generate_equals_one_at_a_time(second_model, padding_side):
     prompts = [
         [1, 2, 3, *image_span(b"a.png"), 9, 10],
         list(range(100, 140)),
-        [5, *image_span("b c.png".encode()), *range(200, 230)],
+        [5, *image_span(b"b c.png"), *range(200, 230)],
     ]
     images = {0: [random_image(0, (60, 40))], 1: [], 2: [random_image(1, (30, 90))]}
     kwargs = dict(do_sample=False, max_new_tokens=6, eos_token_id=None, pad_token_id=0)

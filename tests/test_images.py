@@ -13,6 +13,7 @@ import json
 import re
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import GOLDEN_DIR
 from PIL import Image
 
-from conftest import GOLDEN_DIR
 from qwen_vl import images as images_module
 from qwen_vl.images import (
     IMAGE_MEAN,
@@ -64,7 +65,9 @@ TRANSFORM_CASES = _transform_cases()
 
 
 def test_every_golden_image_is_covered(golden_dir):
-    assert {Path(r["path"]).name for _, _, r in TRANSFORM_CASES} == {p.name for p in (golden_dir / "images").glob("*.png")}
+    assert {Path(r["path"]).name for _, _, r in TRANSFORM_CASES} == {
+        p.name for p in (golden_dir / "images").glob("*.png")
+    }
     assert len(TRANSFORM_CASES) >= 18
 
 
@@ -182,7 +185,14 @@ def test_bytes_base64_and_data_uri_agree(root):
     raw = (root / "ok.png").read_bytes()
     reference = pixels(load_image(root / "ok.png", ImagePolicy(allowed_roots=(root,))))
     b64 = base64.b64encode(raw).decode()
-    for source in (raw, bytearray(raw), memoryview(raw), b64, f"data:image/png;base64,{b64}", f"DATA:image/png;BASE64,{b64}"):
+    for source in (
+        raw,
+        bytearray(raw),
+        memoryview(raw),
+        b64,
+        f"data:image/png;base64,{b64}",
+        f"DATA:image/png;BASE64,{b64}",
+    ):
         assert np.array_equal(pixels(load_image(source)), reference)
 
 
@@ -255,6 +265,12 @@ def test_default_root_is_cwd(tmp_path, root, monkeypatch):
     (tmp_path / "other").mkdir()
     monkeypatch.chdir(tmp_path / "other")
     refused(str(root / "ok.png"), None, "outside allowed roots")
+
+
+def test_single_root_and_host_strings(root):
+    assert load_image(root / "ok.png", ImagePolicy(allowed_roots=str(root))).size == (20, 10)
+    assert ImagePolicy(allowed_hosts="example.com").host_allowed("EXAMPLE.com.")
+    assert not ImagePolicy(allowed_hosts="example.com").host_allowed("e")
 
 
 def test_not_found(root):
@@ -382,6 +398,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
 
     def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        if self.path == "/slow":
+            time.sleep(1.0)
         status, headers, body = self.routes.get(self.path, (404, {}, b"missing"))
         self.send_response(status)
         for key, value in headers.items():
@@ -389,7 +407,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if "Content-Length" not in headers:
             self.close_connection = True  # body ends at connection close
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client stopped reading (size caps)
 
     def log_message(self, *args) -> None:
         pass
@@ -470,6 +491,29 @@ def test_http_errors_and_truncated_bodies(server):
     refused(f"{server}/lying-length", LOCAL, "corrupt or truncated")
 
 
+def test_download_timeout(server):
+    policy = ImagePolicy(allow_urls=True, allow_private_addresses=True, timeout_s=0.2)
+    refused(f"{server}/slow", policy, "timed out", "/slow")
+
+
 def test_url_decoding_obeys_format_policy(server):
     policy = ImagePolicy(allow_urls=True, allow_private_addresses=True, allowed_formats=("JPEG",))
     refused(f"{server}/img.png", policy, "unsupported format PNG")
+
+
+# ----- documentation ---------------------------------------------------------------
+
+
+def _doc_examples() -> list[str]:
+    doc = Path(__file__).resolve().parent.parent / "docs" / "images.md"
+    return re.findall(r"^```python\n(.*?)^```", doc.read_text(encoding="utf-8"), flags=re.S | re.M)
+
+
+def test_docs_have_examples():
+    assert len(_doc_examples()) >= 5
+
+
+@pytest.mark.parametrize("index", range(len(_doc_examples())))
+def test_doc_example_runs(index, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_doc_examples()[index], f"docs/images.md example {index}", "exec"), {"__name__": "doc_example"})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import GOLDEN_DIR, read_jsonl
+
 from qwen_vl.chat_format import decode_tokens, get_stop_words_ids, make_context
 
 

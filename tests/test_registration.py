@@ -38,3 +38,17 @@ def test_auto_tokenizer_loads_a_saved_folder(checkpoint_dir, tmp_path):
 def test_registration_list_and_transformers_version():
     assert len(REGISTRATIONS) >= 2
     assert int(transformers.__version__.split(".")[0]) >= 5
+
+
+def test_auto_model_returns_ours(checkpoint_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwen_vl.modeling import QWenLMHeadModel
+
+    register()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32)
+    assert type(model) is QWenLMHeadModel
+    assert next(model.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        assert model(torch.tensor([[9707, 1879]])).logits.shape == (1, 2, 151936)

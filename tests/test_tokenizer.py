@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 import time
 
 import numpy as np
 import pytest
 import torch
+from conftest import GOLDEN_DIR, REPO_ROOT, read_jsonl
 
-from conftest import GOLDEN_DIR, read_jsonl
 from qwen_vl.tokenizer import QWenTokenizer
 
 VOCAB_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
@@ -233,3 +234,16 @@ def test_long_text_encodes_quickly(tokenizer):
     start = time.perf_counter()
     assert tokenizer.decode(ids) == text
     assert time.perf_counter() - start < 1.0
+
+
+def test_docs_examples_run(checkpoint_dir):
+    doc = (REPO_ROOT / "docs" / "tokenizer.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
+    assert len(blocks) >= 6
+    source = "\n".join(blocks)
+    placeholder = 'ckpt = "../shared/golden/checkpoint"'
+    assert placeholder in source
+    namespace: dict = {}
+    exec(
+        compile(source.replace(placeholder, f"ckpt = {str(checkpoint_dir)!r}"), "docs/tokenizer.md", "exec"), namespace
+    )

@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import GOLDEN_DIR
 from PIL import Image
 
-from conftest import GOLDEN_DIR
 from qwen_vl.images import ImagePolicy, image_transform, load_image
 from qwen_vl.model import vision
 from qwen_vl.model.vision import (
     PoolAttention,
-    VisualAttention,
     VisionTransformer,
+    VisualAttention,
     interpolate_pos_embed,
     sincos_pos_embed_2d,
 )
@@ -215,7 +215,9 @@ def test_sizes_follow_the_config(checkpoint_dir):
     assert model.proj.shape == (config["output_dim"], config["output_dim"])
     norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert len(norms) == 3 + 2 * config["layers"] + 1 and all(n.eps == 1e-6 for n in norms)
-    assert all(isinstance(m.mlp.gelu, torch.nn.GELU) and m.mlp.gelu.approximate == "none" for m in model.transformer.resblocks)
+    assert all(
+        isinstance(m.mlp.gelu, torch.nn.GELU) and m.mlp.gelu.approximate == "none" for m in model.transformer.resblocks
+    )
 
 
 def test_unused_config_keys_are_accepted():
