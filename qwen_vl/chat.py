@@ -17,7 +17,7 @@ import torch
 
 from .chat_format import decode_tokens, get_stop_words_ids, make_context
 from .engine.detokenize import IncrementalDetokenizer
-from .engine.generate import generate_stream, resolve_generation_config
+from .engine.generate import as_id_list, generate_stream, resolve_generation_config
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -102,8 +102,10 @@ def chat_stream(
     Text never ends inside a multi-byte character; the stream ends at
     ``<|im_end|>``, ``<|im_start|>`` or end-of-sequence.
     """
-    gc, _, _, _, input_ids = _prepare(model, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs)
-    enders = {tokenizer.im_start_id, tokenizer.im_end_id, *_ids(gc.eos_token_id)}
+    gc, _, _, _, input_ids = _prepare(
+        model, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
+    )
+    enders = {tokenizer.im_start_id, tokenizer.im_end_id, *as_id_list(gc.eos_token_id)}
     detok = IncrementalDetokenizer(lambda ids: tokenizer.decode(ids, skip_special_tokens=True, errors="replace"))
 
     def stream() -> Iterator[str]:
@@ -122,9 +124,3 @@ def chat_stream(
             yield rest if delta else text
 
     return stream()
-
-
-def _ids(value) -> list[int]:
-    if value is None:
-        return []
-    return [int(value)] if isinstance(value, int) else [int(v) for v in value]

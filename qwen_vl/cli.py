@@ -56,7 +56,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             print(
                 chat_once(
-                    args.model, args.query, args.image, args.max_new_tokens, args.sample, args.dtype, args.device, args.seed
+                    args.model,
+                    args.query,
+                    args.image,
+                    args.max_new_tokens,
+                    args.sample,
+                    args.dtype,
+                    args.device,
+                    args.seed,
                 )
             )
         except (OSError, ValueError) as e:

@@ -149,7 +149,9 @@ class QWenConfig(PretrainedConfig):
         if int(v["output_dim"]) % 128:
             raise ValueError(f"config.json: visual.output_dim ({v['output_dim']}) must be a multiple of 128")
         if int(v["width"]) % int(v["heads"]):
-            raise ValueError(f"config.json: visual.width ({v['width']}) must be divisible by visual.heads ({v['heads']})")
+            raise ValueError(
+                f"config.json: visual.width ({v['width']}) must be divisible by visual.heads ({v['heads']})"
+            )
         if int(v["image_size"]) % int(v["patch_size"]):
             raise ValueError(
                 f"config.json: visual.image_size ({v['image_size']}) must be a multiple of "
@@ -159,6 +161,4 @@ class QWenConfig(PretrainedConfig):
         if math.isqrt(grid * grid) != grid:
             raise ValueError("config.json: visual patch grid must be square")
         if self.image_pad_id >= self.vocab_size:
-            raise ValueError(
-                f"config.json: visual.image_start_id ({self.image_start_id}) + 2 must be below vocab_size"
-            )
+            raise ValueError(f"config.json: visual.image_start_id ({self.image_start_id}) + 2 must be below vocab_size")

@@ -93,6 +93,19 @@ class QWenPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
 
+def _target_device(device: str | torch.device | None, device_map: str | torch.device | None) -> torch.device:
+    """``device`` if given; else a single-device ``device_map`` ("auto" = CUDA when present); else CPU."""
+    if device is not None:
+        return torch.device(device)
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device_map is None:
+        return torch.device("cpu")
+    if isinstance(device_map, dict):
+        raise ValueError("device_map dictionaries are not supported: the model is placed on one device")
+    return torch.device(device_map)
+
+
 def _inside_vision(model: nn.Module, module: nn.Module) -> bool:
     visual = getattr(getattr(model, "transformer", None), "visual", None)
     return visual is not None and any(m is module for m in visual.modules())
@@ -145,9 +158,7 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
             raise ValueError("give either dtype or torch_dtype, not both")
         compute_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
-        target = torch.device(device if device is not None else (device_map if device_map not in (None, "auto") else "cpu"))
-        if device_map == "auto" and device is None:
-            target = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        target = _target_device(device, device_map)
         with torch.device("meta"):
             model = cls(config)
         tied = {"lm_head.weight": "transformer.wte.weight"} if config.tie_word_embeddings else {}
@@ -225,7 +236,9 @@ class QWenLMHeadModel(QWenPreTrainedModel):
             kwargs.pop(unused, None)
         if kwargs:
             raise TypeError(f"forward got unexpected keyword arguments: {', '.join(sorted(kwargs))}")
-        want_hidden = bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
+        want_hidden = bool(
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         h, hidden_states = self.transformer(
             input_ids,
             attention_mask=attention_mask,

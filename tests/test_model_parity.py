@@ -148,7 +148,9 @@ def test_chat_generated_ids(case_id, fp32_model, golden_dir):
 def test_chat_stream_matches_chat(fp32_model, tokenizer, golden_dir):
     case = case_by_id("chat_img1")
     call = case["chat_call"]
-    kwargs = dict(system=call["system"], stop_words_ids=call["stop_words_ids_arg"], **call["generation_config_overrides"])
+    kwargs = dict(
+        system=call["system"], stop_words_ids=call["stop_words_ids_arg"], **call["generation_config_overrides"]
+    )
     with working_directory(golden_dir):
         chunks = list(fp32_model.chat_stream(tokenizer, case["query"], history=None, **kwargs))
         deltas = list(fp32_model.chat_stream(tokenizer, case["query"], history=None, delta=True, **kwargs))

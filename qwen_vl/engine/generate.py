@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -39,7 +40,8 @@ GENERATION_FIELDS = {
 IGNORED_FIELDS = {"return_dict_in_generate", "use_cache", "output_scores", "logits_processor", "num_beams"}
 
 
-def _as_list(value: int | Sequence[int] | None) -> list[int]:
+def as_id_list(value: int | Sequence[int] | None) -> list[int]:
+    """An id setting that may be None, one int or several, as a list."""
     if value is None:
         return []
     return [int(value)] if isinstance(value, int) else [int(v) for v in value]
@@ -93,7 +95,7 @@ def generate_stream(
         input_ids = input_ids[None]
     B, T = input_ids.shape
     device = input_ids.device
-    eos_ids = _as_list(gc.eos_token_id)
+    eos_ids = as_id_list(gc.eos_token_id)
     pad_id = gc.pad_token_id if gc.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     max_new = gc.max_new_tokens if gc.max_new_tokens is not None else max((gc.max_length or 20) - T, 0)
     limit = model.config.max_position_embeddings
@@ -109,9 +111,7 @@ def generate_stream(
     if len(seeds) != B:
         raise ValueError(f"{len(seeds)} seeds given for a batch of {B}")
     base = SamplingParams.from_generation_config(gc)
-    params = [SamplingParams(**{**base.__dict__, "seed": s if s is not None else base.seed}) for s in seeds]
-    for p in params:
-        p.validate()
+    params = [replace(base, seed=s if s is not None else base.seed).validate() for s in seeds]
     generators = [_generator(p, device) for p in params]
 
     ids, mask = left_align(input_ids, attention_mask, pad_id)

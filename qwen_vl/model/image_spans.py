@@ -41,7 +41,9 @@ def find_image_spans(input_ids: torch.Tensor, image_start_id: int, span_length: 
         for pos, kind in sorted(by_row[row]):
             if kind == "start":
                 if open_pos is not None:
-                    raise ValueError(f"row {row}: <img> at position {pos} opens inside the image span opened at {open_pos}")
+                    raise ValueError(
+                        f"row {row}: <img> at position {pos} opens inside the image span opened at {open_pos}"
+                    )
                 open_pos = pos
                 continue
             if open_pos is None:
