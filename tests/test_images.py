@@ -312,7 +312,9 @@ def test_disallowed_format():
     jpeg = encoded(Image.new("RGB", (8, 8)), "JPEG")
     refused(jpeg, ImagePolicy(allowed_formats=("PNG",)), "unsupported format JPEG", "bytes")
     ico = encoded(Image.new("RGB", (16, 16)), "ICO")
-    refused(ico, None, "unsupported format ICO")
+    refused(ico, ImagePolicy(allowed_formats=("PNG", "JPEG")), "unsupported format ICO")
+    psd_like = b"8BPS" + b"\x00" * 60
+    refused(psd_like, None, "unsupported format PSD")
     refused(b"just some text, not an image at all", None, "unsupported format or not an image")
 
 
