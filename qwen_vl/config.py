@@ -87,6 +87,15 @@ class QWenConfig(PretrainedConfig):
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate_sizes()
 
+    def to_dict(self) -> dict[str, Any]:
+        """The config as saved: also writes ``torch_dtype``, the key that loaders of the
+        official format (and older transformers) read."""
+        out = super().to_dict()
+        dtype = out.get("dtype")
+        if dtype is not None:
+            out["torch_dtype"] = str(dtype).removeprefix("torch.")
+        return out
+
     # ----- derived sizes -------------------------------------------------
     @property
     def head_dim(self) -> int:
