@@ -37,7 +37,9 @@ def main() -> None:
         expected = case.get("generate", {}).get("new_ids") or case.get("chat", {}).get("generated_ids")
         kwargs = {"stop_words_ids": case["chat"]["stop_words_ids_used"]} if "chat" in case else {}
         out = model.generate(ids, do_sample=False, max_new_tokens=16, **kwargs)[0, ids.shape[1] :].tolist()
-        print(f"{case['id']:24} {case['seq_len']:6d} {last:19.2e} {per_pos:29.2e} {'equal' if out == expected else 'DIFFERENT'}")
+        print(
+            f"{case['id']:24} {case['seq_len']:6d} {last:19.2e} {per_pos:29.2e} {'equal' if out == expected else 'DIFFERENT'}"
+        )
 
 
 if __name__ == "__main__":
