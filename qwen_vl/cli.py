@@ -24,15 +24,17 @@ def chat_once(
     Image files named here are trusted (the user chose them) and opened directly;
     paths inside the query text are still subject to the model's image policy.
     """
-    from .images import load_image
+    from .images import ImagePolicy, load_image
     from .modeling import QWenLMHeadModel
     from .tokenizer import QWenTokenizer
 
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"{model_dir}: not a checkpoint directory")
     tokenizer = QWenTokenizer.from_pretrained(model_dir)
     model = QWenLMHeadModel.from_pretrained(model_dir, dtype=dtype, device=device)
     parts: list[dict] = [{"image": str(p)} for p in images] + [{"text": query}]
     prompt = tokenizer.from_list_format(parts)
-    loaded = {str(p): load_image(Path(p).resolve().read_bytes()) for p in images}
+    loaded = {str(p): load_image(p, ImagePolicy(allowed_roots=(Path(p).resolve().parent,))) for p in images}
     response, _ = model.chat(
         tokenizer, prompt, history=None, images=loaded, max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed
     )

@@ -7,6 +7,7 @@ stored copies, so they cannot drift. Keys we do not know are kept.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -84,17 +85,19 @@ class QWenConfig(PretrainedConfig):
         self.no_bias = no_bias
         self.seq_length = seq_length
         self.visual = {**VISUAL_DEFAULTS, **(visual or {})}
+        if "torch_dtype" in kwargs:  # the official files' name for ``dtype``
+            legacy = kwargs.pop("torch_dtype")
+            kwargs.setdefault("dtype", legacy)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate_sizes()
 
-    def to_dict(self) -> dict[str, Any]:
-        """The config as saved: also writes ``torch_dtype``, the key that loaders of the
-        official format (and older transformers) read."""
-        out = super().to_dict()
-        dtype = out.get("dtype")
-        if dtype is not None:
-            out["torch_dtype"] = str(dtype).removeprefix("torch.")
-        return out
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """The config as saved; also writes ``torch_dtype``, the key that loaders of
+        the official format (and older transformers) read."""
+        out = json.loads(super().to_json_string(use_diff=use_diff))
+        if out.get("dtype") is not None:
+            out["torch_dtype"] = out["dtype"]
+        return json.dumps(out, indent=2, sort_keys=True) + "\n"
 
     # ----- derived sizes -------------------------------------------------
     @property
