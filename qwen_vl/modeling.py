@@ -18,6 +18,7 @@ from transformers import GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import QWenConfig
+from .engine.image_cache import ImageFeatureCache
 from .images import ImagePolicy, image_transform, load_image
 from .model.image_spans import ImageSpan, span_reference
 from .model.llm import RMSNorm
@@ -121,6 +122,7 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.image_policy = ImagePolicy()
+        self.image_cache: ImageFeatureCache | None = None
         self.generation_config = GenerationConfig(
             chat_format="chatml", max_window_size=6144, eos_token_id=151643, pad_token_id=151643
         )
@@ -182,34 +184,39 @@ class QWenLMHeadModel(QWenPreTrainedModel):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def span_encoder(self, images: Sequence[Any] | None):
-        """Image encoder for the spans of a prompt: the given ``images`` in span
-        order, or else the paths/URLs written in the spans, opened under
-        ``self.image_policy``."""
+    def span_sources(self, input_ids: torch.Tensor, spans: list[ImageSpan], images: Any) -> list[Any]:
+        """What fills each span: the given ``images`` (a list in span order, or a
+        mapping from the path written in the span), else the span's own path/URL."""
+        if isinstance(images, Mapping):
+            refs = [span_reference(input_ids, s, self.config.image_pad_id) for s in spans]
+            missing = [r for r in refs if r not in images]
+            if missing:
+                raise ValueError(f"no image given for <img> spans: {', '.join(missing)}")
+            return [images[r] for r in refs]
+        if images is not None:
+            if len(images) != len(spans):
+                raise ValueError(f"{len(images)} images given for {len(spans)} <img> spans in the prompt")
+            return list(images)
+        return [span_reference(input_ids, s, self.config.image_pad_id) for s in spans]
+
+    def span_encoder(self, images: Sequence[Any] | Mapping[str, Any] | None):
+        """Image encoder for the spans of a prompt (see ``span_sources``); images are
+        opened under ``self.image_policy`` and, when ``self.image_cache`` is set,
+        each distinct image is encoded once."""
         visual = self.transformer.visual
         size = int(self.config.visual["image_size"])
 
         def encode(input_ids: torch.Tensor, spans: list[ImageSpan]) -> torch.Tensor:
-            if isinstance(images, Mapping):
-                refs = [span_reference(input_ids, s, self.config.image_pad_id) for s in spans]
-                missing = [r for r in refs if r not in images]
-                if missing:
-                    raise ValueError(f"no image given for <img> spans: {', '.join(missing)}")
-                sources = [images[r] for r in refs]
-            elif images is not None:
-                if len(images) != len(spans):
-                    raise ValueError(f"{len(images)} images given for {len(spans)} <img> spans in the prompt")
-                sources = list(images)
-            else:
-                sources = [span_reference(input_ids, s, self.config.image_pad_id) for s in spans]
             pixels = []
-            for source in sources:
+            for source in self.span_sources(input_ids, spans, images):
                 if isinstance(source, torch.Tensor):
                     pixels.append(source)
                 else:
                     pixels.append(image_transform(load_image(source, self.image_policy), size))
-            batch = torch.stack(pixels).to(device=input_ids.device)  # (N, 3, S, S)
-            return visual(batch)
+            pixels = [p.to(device=input_ids.device) for p in pixels]
+            if self.image_cache is not None:
+                return self.image_cache.encode(pixels, visual)
+            return visual(torch.stack(pixels))  # (N, 256, C)
 
         return encode
 

@@ -12,7 +12,7 @@ from ..config import QWenConfig
 from .rotary import logn_scale, ntk_alpha_for_length, rotary_cos_sin
 
 if TYPE_CHECKING:
-    from ..engine.kv_cache import KVCache
+    from ..engine.kv_cache import KVCache, KVCacheRows
 
 
 @dataclass
@@ -22,7 +22,7 @@ class AttentionInputs:
     logn: torch.Tensor | None  # (B, T) float64, None when no position needs it
     mask: torch.Tensor | None  # (B, 1, T, S) bool, True = may attend
     is_causal: bool
-    kv_cache: KVCache | None
+    kv_cache: KVCacheRows | None
 
 
 def build_attention_inputs(
@@ -30,35 +30,41 @@ def build_attention_inputs(
     token_mask: torch.Tensor | None,
     input_shape: tuple[int, int],
     device: torch.device,
-    kv_cache: KVCache | None,
+    kv_cache: KVCache | KVCacheRows | None,
     training: bool,
 ) -> AttentionInputs:
     """Positions, NTK factors and masks for new tokens (B, T).
 
     ``token_mask`` (B, T) marks real tokens (False = padding, anywhere in the row);
     None means every token is real. Positions count real tokens only, so a padded
-    row computes exactly what it would compute alone.
+    row computes exactly what it would compute alone. With a cache, each row
+    continues from its own length.
     """
+    from ..engine.kv_cache import KVCache
+
     B, T = input_shape
-    past = kv_cache.length if kv_cache is not None else 0
+    if isinstance(kv_cache, KVCache):
+        kv_cache = kv_cache.rows(0, kv_cache.batch_size)
+    pasts = kv_cache.past_lengths if kv_cache is not None else [0] * B
     padded = token_mask is not None and not bool(token_mask.all())
     if token_mask is None:
         token_mask = torch.ones(B, T, dtype=torch.bool, device=device)
     token_mask = token_mask.bool()
-    start = kv_cache.next_position if kv_cache is not None else torch.zeros(B, dtype=torch.long, device=device)
+    start = kv_cache.row_positions if kv_cache is not None else torch.zeros(B, dtype=torch.long, device=device)
     positions = (start[:, None] + token_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
 
-    if kv_cache is not None and past > 0:
-        alphas = kv_cache.ntk_alphas
-    elif config.use_dynamic_ntk and not training:
+    stored = kv_cache.row_alphas if kv_cache is not None else [1.0] * B
+    if config.use_dynamic_ntk and not training and any(p == 0 for p in pasts):
         lengths = token_mask.sum(-1).tolist() if padded else [T] * B
-        alphas = [ntk_alpha_for_length(max(n, 1), config.seq_length) for n in lengths]
+        fresh = [ntk_alpha_for_length(max(n, 1), config.seq_length) for n in lengths]
+        alphas = [fresh[i] if pasts[i] == 0 else stored[i] for i in range(B)]
     else:
-        alphas = [1.0] * B
+        alphas = stored
     cos, sin = rotary_cos_sin(positions, alphas, config.rotary_emb_base, config.rotary_dim)
 
+    max_past = max(pasts)
     logn = None
-    if config.use_logn_attn and not training and past + T > config.seq_length:
+    if config.use_logn_attn and not training and max_past + T > config.seq_length:
         logn = logn_scale(positions, config.seq_length)
 
     if kv_cache is not None:
@@ -69,13 +75,15 @@ def build_attention_inputs(
         any_padding = padded
 
     mask, is_causal = None, False
-    if not any_padding and past == 0:
+    same_length = min(pasts) == max_past
+    if not any_padding and same_length and max_past == 0:
         is_causal = T > 1
-    elif any_padding or T > 1:
-        S = past + T
+    elif any_padding or T > 1 or not same_length:
+        S = max_past + T
         key_idx = torch.arange(S, device=device)  # (S,)
-        query_idx = past + torch.arange(T, device=device)  # (T,)
-        causal = key_idx[None, :] <= query_idx[:, None]  # (T, S)
-        mask = (key_valid[:, None, :] & causal[None]) | (key_idx[None, :] == query_idx[:, None])[None]
-        mask = mask[:, None]  # (B, 1, T, S)
+        past_t = torch.tensor(pasts, device=device)  # (B,)
+        query_idx = past_t[:, None] + torch.arange(T, device=device)[None, :]  # (B, T)
+        causal = key_idx[None, None, :] <= query_idx[:, :, None]  # (B, T, S)
+        own = key_idx[None, None, :] == query_idx[:, :, None]  # (B, T, S)
+        mask = ((key_valid[:, None, :] & causal) | own)[:, None]  # (B, 1, T, S)
     return AttentionInputs(cos=cos, sin=sin, logn=logn, mask=mask, is_causal=is_causal, kv_cache=kv_cache)

@@ -70,8 +70,8 @@ class QWenModel(nn.Module):
                 h = checkpoint(block, h, inputs, use_reentrant=False)
             else:
                 h = block(h, inputs)
-        if kv_cache is not None:
-            kv_cache.commit()
+        if inputs.kv_cache is not None:
+            inputs.kv_cache.commit()
         h = self.ln_f(h)
         if hidden_states is not None:
             hidden_states.append(h)

@@ -1,0 +1,141 @@
+"""The continuous-batching engine against the golden generations and the model's own generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_fixtures import case_by_id, model_cases, working_directory
+
+from qwen_vl.engine.engine import Engine
+from qwen_vl.engine.request import GenerationRequest
+from qwen_vl.engine.sampling import SamplingParams
+from qwen_vl.images import ImagePolicy
+
+GENERATE_CASES = [c["id"] for c in model_cases()["cases"] if "generate" in c]
+CHAT_CASES = [c["id"] for c in model_cases()["cases"] if c["kind"] == "chat"]
+
+
+def greedy(case_id: str, **kw) -> GenerationRequest:
+    kw.setdefault("max_new_tokens", 16)
+    return GenerationRequest(prompt_ids=case_by_id(case_id)["input_ids"], request_id=case_id, **kw)
+
+
+@pytest.fixture
+def engine(fp32_model, tokenizer, golden_dir):
+    fp32_model.image_cache = None
+    with working_directory(golden_dir):
+        yield Engine(fp32_model, tokenizer, max_batch_size=4, max_seq_len=1024)
+    fp32_model.image_cache = None
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_equals_goldens_batched_and_alone(batch, fp32_model, tokenizer, golden_dir):
+    fp32_model.image_cache = None
+    with working_directory(golden_dir):
+        eng = Engine(fp32_model, tokenizer, max_batch_size=batch, max_seq_len=1024)
+        handles = eng.generate(greedy(c) for c in GENERATE_CASES)
+    for case_id, h in zip(GENERATE_CASES, handles):
+        golden = case_by_id(case_id)["generate"]
+        assert h.token_ids == golden["new_ids"], case_id
+        assert h.text == golden["decoded_skip_special"]["text"]
+        assert h.finish_reason == "length"
+    fp32_model.image_cache = None
+
+
+def test_requests_joining_mid_flight(engine):
+    first = [engine.submit(greedy(c)) for c in GENERATE_CASES[:3]]
+    for _ in range(5):
+        engine.step()
+    later = [engine.submit(greedy(c)) for c in GENERATE_CASES[3:]]
+    engine.run_until_idle()
+    for case_id, h in zip(GENERATE_CASES, first + later):
+        assert h.token_ids == case_by_id(case_id)["generate"]["new_ids"], case_id
+
+
+@pytest.mark.parametrize("case_id", CHAT_CASES)
+def test_stop_words_as_in_chat(case_id, engine):
+    case = case_by_id(case_id)
+    stop = case["chat"]["stop_words_ids_used"]
+    (h,) = engine.generate([greedy(case_id, stop_words_ids=stop)])
+    assert h.token_ids == case["chat"]["generated_ids"]
+
+
+def test_streamed_pieces_join_to_the_final_text(engine, tokenizer):
+    engine.start()
+    try:
+        h = engine.submit(greedy("text_zh"))
+        events = list(h.stream(timeout=60))
+    finally:
+        engine.stop()
+    assert events[-1].finished and events[-1].finish_reason == "length"
+    assert "".join(e.text for e in events) == h.text == tokenizer.decode(h.token_ids, skip_special_tokens=True)
+    assert sum(len(e.token_ids) for e in events) == 16
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
+    sampling = SamplingParams(do_sample=True, top_p=0.9, temperature=1.3, seed=11)
+    alone = engine.generate([greedy("text_en", sampling=sampling)])[0].token_ids
+    mixed = engine.generate([greedy("text_zh"), greedy("text_en", sampling=sampling), greedy("ctx_text_history")])
+    other = engine.generate(
+        [greedy("text_en", sampling=SamplingParams(do_sample=True, top_p=0.9, temperature=1.3, seed=12))]
+    )
+    assert mixed[1].token_ids == alone
+    assert other[0].token_ids != alone
+
+
+def test_stop_strings_cut_the_text(engine):
+    full = engine.generate([greedy("text_en")])[0]
+    stop = full.text[5:8]
+    cut = engine.generate([greedy("text_en", stop_strings=[stop])])[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert len(cut.token_ids) < 16
+
+
+def test_cancellation_leaves_the_others_alone(engine):
+    a = engine.submit(greedy("img1_shapes"))
+    b = engine.submit(greedy("text_en"))
+    engine.step()
+    a.cancel()
+    engine.run_until_idle()
+    assert a.finish_reason == "cancelled" and len(a.token_ids) < 16
+    assert b.token_ids == case_by_id("text_en")["generate"]["new_ids"]
+
+
+def test_image_features_are_encoded_once(engine):
+    engine.generate([greedy("img_same_twice")])  # the same noise image twice in one prompt
+    assert (engine.image_cache.misses, engine.image_cache.hits) == (1, 1)
+    engine.generate([greedy("img3_long")])  # holds that image again, and two new ones
+    assert (engine.image_cache.misses, engine.image_cache.hits) == (3, 2)
+
+
+def test_limits_and_bad_images_fail_only_their_request(fp32_model, tokenizer, golden_dir, tmp_path):
+    fp32_model.image_cache = None
+    with working_directory(golden_dir):
+        eng = Engine(fp32_model, tokenizer, max_batch_size=2, max_seq_len=300)
+        too_long = greedy("img2_rgba_palette")  # 536 tokens
+        fits = greedy("img1_shapes", max_new_tokens=64)  # 268 tokens: room for 32 new ones
+        handles = eng.generate([too_long, fits])
+    assert handles[0].finish_reason == "error" and "536 tokens" in handles[0].error
+    assert handles[1].finish_reason == "length" and len(handles[1].token_ids) == 32
+    policy_before = fp32_model.image_policy
+    fp32_model.image_policy = ImagePolicy(allowed_roots=(tmp_path,))
+    try:
+        with working_directory(golden_dir):
+            (h,) = Engine(fp32_model, tokenizer, max_batch_size=1, max_seq_len=1024).generate([greedy("img1_shapes")])
+    finally:
+        fp32_model.image_policy = policy_before
+        fp32_model.image_cache = None
+    assert h.finish_reason == "error" and "outside" in h.error and "shapes_rgb_448x448.png" in h.error
+
+
+def test_given_pixel_tensors_skip_file_access(engine, fp32_model, golden_dir):
+    from PIL import Image
+
+    from qwen_vl.images import image_transform
+
+    size = int(fp32_model.config.visual["image_size"])
+    pixels = image_transform(Image.open(golden_dir / "images" / "shapes_rgb_448x448.png"), size)
+    (h,) = engine.generate([greedy("img1_shapes", images=[pixels])])
+    assert h.token_ids == case_by_id("img1_shapes")["generate"]["new_ids"]
+    assert isinstance(pixels, torch.Tensor)
