@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from .chat_format import decode_tokens, get_stop_words_ids, make_context
+from .chat_format import decode_tokens, get_stop_words_ids
+from .context import fit_context
 from .engine.detokenize import IncrementalDetokenizer
 from .engine.generate import as_id_list, generate_stream, resolve_generation_config
 
@@ -25,15 +26,19 @@ History = list[tuple[str, str]]
 
 
 def _prepare(model, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs):
+    overflow = kwargs.pop("overflow", "drop_oldest")
+    budget = kwargs.pop("max_context_tokens", None)
     gen_keys = {k: kwargs.pop(k) for k in list(kwargs) if k != "max_window_size"}
     gc = resolve_generation_config(model, generation_config, **gen_keys)
     chat_format = getattr(gc, "chat_format", "chatml")
     if chat_format != "chatml":
         raise ValueError(f"chat needs generation_config.chat_format 'chatml', got {chat_format!r}")
     max_window_size = kwargs.pop("max_window_size", None) or getattr(gc, "max_window_size", None) or 6144
+    limit = model.config.max_position_embeddings - 1  # room for at least one new token
+    budget = min(budget, limit) if budget is not None else limit
     history = [tuple(turn) for turn in (history or [])]
-    raw_text, context = make_context(
-        tokenizer, query, history=history, system=system, max_window_size=max_window_size, chat_format=chat_format
+    raw_text, context, _ = fit_context(
+        tokenizer, query, history, system, max_window_size, budget, overflow=overflow, chat_format=chat_format
     )
     gc.stop_words_ids = [list(s) for s in (stop_words_ids or [])] + get_stop_words_ids(chat_format, tokenizer)
     input_ids = torch.tensor([context], dtype=torch.long, device=model.device)
@@ -61,6 +66,10 @@ def chat(
     without it the paths are opened under ``model.image_policy``. Extra keywords
     override generation fields (``max_new_tokens``, ``do_sample``, ...). The
     given history list is not modified.
+
+    A conversation longer than the model's positions (or ``max_context_tokens``)
+    loses its oldest turns (``overflow="drop_oldest"``, the default) or raises
+    ``ContextTooLongError`` (``overflow="error"``); turns are dropped whole.
     """
     if "stream" in kwargs:
         raise TypeError("chat() does not stream: use chat_stream()")
