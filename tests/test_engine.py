@@ -139,3 +139,26 @@ def test_given_pixel_tensors_skip_file_access(engine, fp32_model, golden_dir):
     (h,) = engine.generate([greedy("img1_shapes", images=[pixels])])
     assert h.token_ids == case_by_id("img1_shapes")["generate"]["new_ids"]
     assert isinstance(pixels, torch.Tensor)
+
+
+def test_next_turn_reuses_the_previous_turns_keys(engine):
+    turn1, turn2 = case_by_id("chat_img1"), case_by_id("chat_turn2_stopword")
+    (h1,) = engine.generate([greedy("chat_img1", stop_words_ids=turn1["chat"]["stop_words_ids_used"])])
+    assert h1.token_ids == turn1["chat"]["generated_ids"] and h1.reused_tokens == 0
+    (h2,) = engine.generate([greedy("chat_turn2_stopword", stop_words_ids=turn2["chat"]["stop_words_ids_used"])])
+    assert h2.reused_tokens >= len(turn1["input_ids"])  # the whole first context and answer
+    assert h2.token_ids == turn2["chat"]["generated_ids"]
+    assert engine.image_cache.misses == 1  # the image of turn 1 was not encoded again
+
+
+def test_reuse_never_splits_an_image_span(engine, tokenizer):
+    from qwen_vl.engine.prefix_store import PrefixStore
+    from qwen_vl.model.image_spans import ImageSpan
+
+    store = PrefixStore(capacity=2, min_tokens=1)
+    prompt = list(range(20)) + [151857] + [0] * 256 + [151858] + [5, 6]
+    span = ImageSpan(row=0, start=20, end=277)
+    store._entries[0] = type("E", (), {"ids": prompt[:100], "ntk_alpha": 1.0})()
+    entry, p = store.match(prompt, [span], 1.0)
+    assert p == 20
+    assert store.match(prompt, [span], 3.0) is None  # another NTK factor: no reuse

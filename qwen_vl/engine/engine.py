@@ -23,9 +23,11 @@ import torch
 
 from ..images import image_transform, load_image
 from ..model.image_spans import find_image_spans
+from ..model.rotary import ntk_alpha_for_length
 from .detokenize import IncrementalDetokenizer
 from .image_cache import ImageFeatureCache
 from .kv_cache import KVCache
+from .prefix_store import PrefixStore
 from .request import GenerationRequest, RequestHandle, StreamEvent
 from .sampling import select_next_tokens
 from .stopping import STOP_SCORE, StopStringMatcher
@@ -55,6 +57,8 @@ class Engine:
     ``max_batch_size`` rows of ``max_seq_len`` slots are allocated once (KV memory
     = 2 x layers x rows x slots x hidden x dtype size). With a ``tokenizer`` the
     handles also receive text (special tokens skipped) and stop strings apply.
+    The keys/values of up to ``reuse_prefixes`` finished requests are kept, so a
+    conversation's next turn prefills only its new tokens.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class Engine:
         max_batch_size: int = 8,
         max_seq_len: int | None = None,
         image_cache_size: int = 64,
+        reuse_prefixes: int = 4,
     ) -> None:
         cfg = model.config
         self.model = model.eval()
@@ -78,6 +83,7 @@ class Engine:
         if model.image_cache is None:
             model.image_cache = ImageFeatureCache(image_cache_size)
         self.image_cache: ImageFeatureCache = model.image_cache
+        self.prefix_store = PrefixStore(capacity=reuse_prefixes)
         self.active: list[_Running] = []
         self._waiting: deque[RequestHandle] = deque()
         self._lock = threading.Lock()
@@ -177,9 +183,18 @@ class Engine:
                 new.append(running)
         if not new:
             return []
+        fresh = []
+        for r in new:
+            if not self._prefill_reusing(r):
+                fresh.append(r)
+        if fresh:
+            self._prefill(fresh)
+        return new
+
+    def _prefill(self, new: list[_Running]) -> None:
+        """One left-padded forward for requests that start from an empty row."""
         start = len(self.active)
-        rows = range(start, start + len(new))
-        for row in rows:
+        for row in range(start, start + len(new)):
             self.cache.reset_row(row)
         T = max(len(r.request.prompt_ids) for r in new)
         ids = torch.zeros(len(new), T, dtype=torch.long)
@@ -198,7 +213,34 @@ class Engine:
         )
         self.active.extend(new)
         self._choose(new, out.logits[:, -1])
-        return new
+
+    def _prefill_reusing(self, r: _Running) -> bool:
+        """Prefill ``r`` on top of a stored earlier turn, if one matches; False otherwise."""
+        if len(self.prefix_store) == 0:
+            return False
+        cfg = self.model.config
+        prompt = r.request.prompt_ids
+        ids = torch.tensor([prompt])
+        spans = find_image_spans(ids, cfg.image_start_id, cfg.num_image_queries)
+        alpha = ntk_alpha_for_length(len(prompt), cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
+        found = self.prefix_store.match(prompt, spans, alpha)
+        if found is None:
+            return False
+        entry, p = found
+        row = len(self.active)
+        self.prefix_store.restore(self.cache, row, entry, p)
+        later = [i for i, s in enumerate(spans) if s.start >= p]
+        pixels = [r.pixels[i] for i in later]
+        out = self.model(
+            ids[:, p:].to(self.device),
+            images=pixels or None,
+            kv_cache=self.cache.rows(row, row + 1),
+            logits_to_keep=1,
+        )
+        r.handle.reused_tokens = p
+        self.active.append(r)
+        self._choose([r], out.logits[:, -1])
+        return True
 
     def _prepare(self, handle: RequestHandle) -> _Running | None:
         """Check limits and load images for one request; finish it with an error if it cannot run."""
@@ -316,6 +358,9 @@ class Engine:
         if not any(r.handle.finished for r in self.active):
             return
         old_n = len(self.active)
+        for row, r in enumerate(self.active):
+            if r.handle.finish_reason in ("stop", "length"):
+                self.prefix_store.save(self.cache, row, r.ids)
         keep = [(row, r) for row, r in enumerate(self.active) if not r.handle.finished]
         for new_row, (old_row, _) in enumerate(keep):
             if new_row != old_row:

@@ -66,6 +66,7 @@ class RequestHandle:
         self.text = ""
         self.finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
         self.error: str | None = None
+        self.reused_tokens = 0  # prompt tokens whose keys/values came from an earlier turn
         self._events: queue.Queue[StreamEvent] = queue.Queue()
         self._done = threading.Event()
         self._cancel = threading.Event()
