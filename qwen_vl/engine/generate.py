@@ -1,25 +1,23 @@
-"""The decode loop behind ``model.generate``: batched prefill into a preallocated
-KV cache, then one token per step for every row, with per-row sampling, stop
-words and end-of-sequence handling.
+"""``model.generate`` in the transformers style (a tensor of prompts in, prompts +
+new tokens out), run as one batch of requests on the ``Engine``.
 
-Rows of different lengths are laid out left-aligned-to-the-end (left padding)
-internally whatever padding the caller used; each row attends only to its own
-tokens and counts positions from its own first token, so a row of a batch
+Each row uses only its real tokens (whatever the padding side), counts positions
+from its own first token and samples with its own seed, so a row of a batch
 generates exactly what it generates alone.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 import torch
 
-from .kv_cache import KVCache
-from .sampling import SamplingParams, select_next_tokens
-from .stopping import force_eos_after_stop_words
+from ..model.image_spans import find_image_spans
+from .request import GenerationRequest
+from .sampling import SamplingParams
 
 #: ``generate`` keywords read into the generation config.
 GENERATION_FIELDS = {
@@ -62,18 +60,20 @@ def resolve_generation_config(model, generation_config=None, **kwargs: Any):
     return gc
 
 
-def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_id: int):
-    """Move each row's real tokens to the end: (ids, mask) both (B, T); mask None if unpadded."""
-    if attention_mask is None or bool(attention_mask.all()):
-        return input_ids, None
-    mask = attention_mask.bool()
-    lengths = mask.sum(-1)  # (B,)
-    T = input_ids.shape[1]
-    order = torch.sort((~mask).long() * -1, dim=-1, stable=True).indices  # pads first, tokens keep order
-    ids = torch.gather(input_ids, 1, order)
-    new_mask = torch.arange(T, device=mask.device)[None, :] >= (T - lengths)[:, None]
-    ids = torch.where(new_mask, ids, torch.full_like(ids, pad_id))
-    return ids, new_mask
+def _row_images(model, rows: list[list[int]], images: Any) -> list[Any]:
+    """Split a batch-level ``images`` argument (span order over the whole batch, or a
+    mapping) into one entry per row."""
+    if images is None or isinstance(images, Mapping):
+        return [images] * len(rows)
+    cfg = model.config
+    counts = [len(find_image_spans(torch.tensor([r]), cfg.image_start_id, cfg.num_image_queries)) for r in rows]
+    if sum(counts) != len(images):
+        raise ValueError(f"{len(images)} images given for {sum(counts)} <img> spans in the prompts")
+    out, start = [], 0
+    for n in counts:
+        out.append(list(images[start : start + n]) if n else None)
+        start += n
+    return out
 
 
 def generate_stream(
@@ -81,20 +81,23 @@ def generate_stream(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     generation_config=None,
-    images: Sequence[Any] | None = None,
+    images: Sequence[Any] | Mapping[str, Any] | None = None,
     seed: int | Sequence[int | None] | None = None,
     **kwargs: Any,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (B,) at each step.
 
-    Rows that finished (end-of-sequence) yield the pad id. Stops when every row
-    finished or after ``max_new_tokens`` steps.
+    The rows run as requests of one ``Engine``: each row uses only its real tokens
+    (``attention_mask``; padding on either side), its own seed, the shared
+    generation settings. Rows that finished yield the pad id. Stops when every
+    row finished or after ``max_new_tokens`` steps.
     """
+    from .engine import Engine
+
     gc = resolve_generation_config(model, generation_config, **kwargs)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     B, T = input_ids.shape
-    device = input_ids.device
     eos_ids = as_id_list(gc.eos_token_id)
     pad_id = gc.pad_token_id if gc.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     max_new = gc.max_new_tokens if gc.max_new_tokens is not None else max((gc.max_length or 20) - T, 0)
@@ -112,45 +115,38 @@ def generate_stream(
         raise ValueError(f"{len(seeds)} seeds given for a batch of {B}")
     base = SamplingParams.from_generation_config(gc)
     params = [replace(base, seed=s if s is not None else base.seed).validate() for s in seeds]
-    generators = [_generator(p, device) for p in params]
 
-    ids, mask = left_align(input_ids, attention_mask, pad_id)
-    seq = torch.full((B, T + max_new), pad_id, dtype=torch.long, device=device)
-    seq[:, :T] = ids
-    seq_mask = torch.ones(B, T + max_new, dtype=torch.bool, device=device)
-    if mask is not None:
-        seq_mask[:, :T] = mask
-    cfg = model.config
-    cache = KVCache(
-        cfg.num_hidden_layers, B, cfg.num_attention_heads, cfg.head_dim, T + max_new,
-        dtype=model.lm_head.weight.dtype, device=device,
-    )  # fmt: skip
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    out = model(ids, attention_mask=mask, images=images, kv_cache=cache, logits_to_keep=1)
-    for step in range(max_new):
-        end = T + step
-        scores = out.logits[:, -1].float()  # (B, V)
-        if stop_words:
-            force_eos_after_stop_words(scores, seq[:, :end], seq_mask[:, :end], stop_words, eos_ids[0])
-        next_tokens = select_next_tokens(scores, seq[:, :end], seq_mask[:, :end], params, generators)
-        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
-        seq[:, end] = next_tokens
-        yield next_tokens
-        if eos.numel():
-            finished |= torch.isin(next_tokens, eos)
-        if step + 1 == max_new or bool(finished.all()):
+    mask = attention_mask.bool() if attention_mask is not None else None
+    rows = [input_ids[i][mask[i]].tolist() if mask is not None else input_ids[i].tolist() for i in range(B)]
+    row_images = _row_images(model, rows, images)
+    engine = Engine(model, max_batch_size=B, max_seq_len=max(map(len, rows)) + max_new, reuse_prefixes=0)
+    handles = [
+        engine.submit(
+            GenerationRequest(
+                prompt_ids=rows[i],
+                sampling=params[i],
+                max_new_tokens=max_new,
+                stop_words_ids=stop_words,
+                eos_token_ids=eos_ids,
+                images=row_images[i],
+            )
+        )  # fmt: skip
+        for i in range(B)
+    ]
+    step = 0
+    while step < max_new:
+        busy = engine.step()
+        failed = next((h for h in handles if h.finish_reason == "error"), None)
+        if failed is not None:
+            raise ValueError(failed.error)
+        while step < max_new and all(len(h.token_ids) > step or h.finished for h in handles):
+            if all(len(h.token_ids) <= step for h in handles):
+                return
+            tokens = [h.token_ids[step] if len(h.token_ids) > step else pad_id for h in handles]
+            yield torch.tensor(tokens, device=input_ids.device)
+            step += 1
+        if not busy:
             return
-        out = model(next_tokens[:, None], kv_cache=cache, logits_to_keep=1)
-
-
-def _generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """A per-row generator for seeded sampling rows; unseeded rows draw from the global RNG."""
-    if not params.do_sample or params.seed is None:
-        return None
-    g = torch.Generator(device=device)
-    g.manual_seed(params.seed)
-    return g
 
 
 @torch.no_grad()
