@@ -19,10 +19,15 @@ import json
 import os
 import unicodedata
 from collections.abc import Collection, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tiktoken
 from transformers import AddedToken, PreTrainedTokenizer
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from qwen_vl.images import ImagePolicy
 
 #: Pre-tokenizer regex of the official vocabulary.
 PAT_STR = (
@@ -530,3 +535,19 @@ class QWenTokenizer(PreTrainedTokenizer):
         return b"".join(
             t.encode("utf-8") if isinstance(t, str) else t for t in map(self.decoder.__getitem__, ids)
         ).decode("utf-8")
+
+    # ----- grounding ---------------------------------------------------------
+    def draw_bbox_on_latest_picture(
+        self,
+        response: str,
+        history: Sequence[Sequence[Any]] | None = None,
+        *,
+        policy: ImagePolicy | None = None,
+    ) -> Image.Image | None:
+        """The latest picture of the conversation (``response`` first, then the queries of
+        ``history`` from the newest turn back) with the boxes of ``response`` drawn on it;
+        None without a picture or without boxes. The picture is opened under ``policy``
+        (default ``ImagePolicy()``). See ``qwen_vl.grounding.draw_bbox_on_latest_picture``."""
+        from qwen_vl.grounding import draw_bbox_on_latest_picture
+
+        return draw_bbox_on_latest_picture(response, history, self, policy=policy)
