@@ -1,0 +1,44 @@
+"""The engine benchmark runs end to end with tiny numbers, so it cannot rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "engine_cpu.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("engine_cpu", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_benchmark_writes_results(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    result = load_bench().main(["--quick", "--json", str(out)])
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    assert saved == json.loads(json.dumps(result))
+    assert [t["batch"] for t in saved["throughput"]] == [1, 2]
+    assert saved["throughput"][0]["rows_equal"] == 1  # same greedy tokens as the baseline
+    for value in (
+        saved["decode_b1"]["ours_tok_s"],
+        saved["decode_b1"]["baseline_tok_s"],
+        saved["ttft_image"]["ours_s"],
+    ):
+        assert value > 0
+    assert saved["machine"]["torch_version"] and saved["machine"]["cpu_count"]
+    assert set(saved["goals"]) == {"decode_b1"}  # batch 16 not run in quick mode
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert "decode tok/s, batch 1" in capsys.readouterr().out
+
+
+def test_baseline_matches_engine_on_padded_batch():
+    bench = load_bench()
+    model = bench.build_model("tiny", 0)
+    prompts = bench.random_prompts([9, 3, 6], 1)
+    ours = bench.engine_batch(model, prompts, 3, max_seq_len=16)
+    base = bench.baseline_batch(model, prompts, 3)
+    assert ours["tokens"] == base["tokens"]
