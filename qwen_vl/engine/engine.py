@@ -30,7 +30,7 @@ from .kv_cache import KVCache
 from .prefix_store import PrefixStore
 from .request import GenerationRequest, RequestHandle, StreamEvent
 from .sampling import select_next_tokens
-from .stopping import STOP_SCORE, StopStringMatcher
+from .stopping import StopStringMatcher, force_eos_after_stop_words
 
 log = logging.getLogger(__name__)
 
@@ -297,12 +297,7 @@ class Engine:
     def _choose(self, runs: list[_Running], logits: torch.Tensor) -> None:
         """Pick the next token of each of ``runs`` from its logits row (B, V)."""
         scores = logits.float()
-        for i, r in enumerate(runs):
-            eos = r.request.eos_token_ids
-            if eos and any(
-                s != [eos[0]] and len(r.ids) >= len(s) and r.ids[-len(s) :] == s for s in r.request.stop_words_ids
-            ):
-                scores[i, eos[0]] = STOP_SCORE
+        self._force_eos_after_stop_words(runs, scores)
         prev, prev_mask = None, None
         if any(r.request.sampling.repetition_penalty != 1.0 for r in runs):
             L = max(len(r.ids) for r in runs)
@@ -317,6 +312,26 @@ class Engine:
         ).tolist()
         for r, token in zip(runs, tokens):
             self._append(r, int(token))
+
+    def _force_eos_after_stop_words(self, runs: list[_Running], scores: torch.Tensor) -> None:
+        """Rows whose ids end with one of their stop words must emit end-of-sequence next."""
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(runs):
+            if r.request.stop_words_ids and r.request.eos_token_ids:
+                key = (tuple(map(tuple, r.request.stop_words_ids)), r.request.eos_token_ids[0])
+                groups.setdefault(key, []).append(i)
+        for (stop_words, eos), members in groups.items():
+            width = max(map(len, stop_words))
+            tails = [runs[i].ids[-width:] for i in members]
+            ids = torch.zeros(len(members), width, dtype=torch.long)
+            valid = torch.zeros(len(members), width, dtype=torch.bool)
+            for row, tail in enumerate(tails):  # right-aligned last tokens
+                ids[row, width - len(tail) :] = torch.tensor(tail)
+                valid[row, width - len(tail) :] = True
+            index = torch.tensor(members, device=scores.device)
+            sub = scores[index]  # (G, V)
+            force_eos_after_stop_words(sub, ids.to(scores.device), valid.to(scores.device), stop_words, eos)
+            scores[index] = sub
 
     def _append(self, r: _Running, token: int) -> None:
         r.ids.append(token)
