@@ -162,3 +162,22 @@ def test_reuse_never_splits_an_image_span(engine, tokenizer):
     entry, p = store.match(prompt, [span], 1.0)
     assert p == 20
     assert store.match(prompt, [span], 3.0) is None  # another NTK factor: no reuse
+
+
+def test_a_failing_prefill_ends_its_requests(engine, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine, "_prefill", broken)
+    (h,) = engine.generate([greedy("text_en")])
+    assert h.finish_reason == "error" and "device lost" in h.error
+    monkeypatch.undo()
+    assert engine.generate([greedy("text_en")])[0].token_ids == case_by_id("text_en")["generate"]["new_ids"]
+
+
+def test_prefix_store_match_with_several_entries(engine):
+    for case_id in ("text_en", "text_zh", "ctx_text_history"):
+        engine.generate([greedy(case_id)])
+    again = engine.generate([greedy("ctx_text_history"), greedy("text_en")])
+    assert again[0].token_ids == case_by_id("ctx_text_history")["generate"]["new_ids"]
+    assert again[0].reused_tokens > 0

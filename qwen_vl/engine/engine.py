@@ -86,6 +86,7 @@ class Engine:
         self.prefix_store = PrefixStore(capacity=reuse_prefixes)
         self.active: list[_Running] = []
         self._waiting: deque[RequestHandle] = deque()
+        self._admitting: list[_Running] = []
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._stop = threading.Event()
@@ -159,9 +160,12 @@ class Engine:
             self._retire()
         except Exception as e:  # noqa: BLE001 - every running request must learn about it
             log.exception("engine step failed")
-            for r in self.active:
+            admitting, self._admitting = self._admitting, []
+            for r in [*self.active, *admitting]:
                 self._finish(r, "error", error=f"{type(e).__name__}: {e}")
             self._retire()
+            for row in range(len(self.active), self.max_batch_size):
+                self.cache.reset_row(row)
         with self._lock:
             return bool(self.active or self._waiting)
 
@@ -183,12 +187,14 @@ class Engine:
                 new.append(running)
         if not new:
             return []
+        self._admitting = new  # finished with an error by step() if a prefill fails
         fresh = []
         for r in new:
             if not self._prefill_reusing(r):
                 fresh.append(r)
         if fresh:
             self._prefill(fresh)
+        self._admitting = []
         return new
 
     def _prefill(self, new: list[_Running]) -> None:

@@ -66,7 +66,7 @@ class PrefixStore:
 
     def match(self, prompt: list[int], spans: list[ImageSpan], ntk_alpha: float) -> tuple[StoredPrefix, int] | None:
         """The stored entry sharing the longest usable prefix with ``prompt``, and its length."""
-        best: tuple[StoredPrefix, int] | None = None
+        best: tuple[int, StoredPrefix, int] | None = None
         for key, entry in self._entries.items():
             if entry.ntk_alpha != ntk_alpha:
                 continue
@@ -74,10 +74,12 @@ class PrefixStore:
             for span in spans:
                 if span.start < p <= span.end:
                     p = span.start  # never split an image span
-            if p >= self.min_tokens and (best is None or p > best[1]):
-                best = (entry, p)
-                self._entries.move_to_end(key)
-        return best
+            if p >= self.min_tokens and (best is None or p > best[2]):
+                best = (key, entry, p)
+        if best is None:
+            return None
+        self._entries.move_to_end(best[0])
+        return best[1], best[2]
 
     def restore(self, cache: KVCache, row: int, entry: StoredPrefix, length: int) -> None:
         """Fill ``row`` with the first ``length`` stored slots."""

@@ -1,0 +1,44 @@
+"""The ``qwen-vl`` command: ``generate``, ``chat`` and ``bench``.
+
+Each subcommand is a thin argparse shell over typed functions (``generate.generate``,
+``generate.answer_once``, ``chat.ChatLoop``, ``bench.run_bench``) that tests call directly.
+Bad input ends with one ``qwen-vl: error: ...`` line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import bench, chat, generate
+from .errors import CliError
+from .session import GenerationFailed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen-vl", description="Qwen-VL vision-language models")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,bench}")
+    generate.add_parser(sub)
+    chat.add_parser(sub)
+    bench.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (CliError, OSError, ValueError) as e:
+        print(f"qwen-vl: error: {e}", file=sys.stderr)
+        return 2
+    except GenerationFailed as e:
+        print(f"qwen-vl: error: generation failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+__all__ = ["CliError", "build_parser", "main"]
