@@ -120,7 +120,9 @@ class Engine:
         return handles
 
     def run_until_idle(self) -> None:
-        """Step until nothing waits or runs."""
+        """Step until nothing waits or runs (not while the background loop runs)."""
+        if self._thread is not None:
+            raise RuntimeError("the engine loop runs in the background: wait on the handles instead")
         while self.step():
             pass
 
