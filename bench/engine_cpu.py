@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baseline_hf_loop import baseline_generate  # noqa: E402
 
 from qwen_vl.config import QWenConfig  # noqa: E402
+from qwen_vl.engine.decode_step import DECODE_MODES  # noqa: E402
 from qwen_vl.engine.engine import Engine  # noqa: E402
 from qwen_vl.engine.request import GenerationRequest  # noqa: E402
 from qwen_vl.modeling import QWenLMHeadModel  # noqa: E402
@@ -98,10 +99,12 @@ def paired_best(
     return min((p[0] for p in pairs), key=lambda r: r[key]), min((p[1] for p in pairs), key=lambda r: r[key])
 
 
-def engine_batch(model, prompts: list[list[int]], new_tokens: int, max_seq_len: int) -> dict[str, Any]:
+def engine_batch(
+    model, prompts: list[list[int]], new_tokens: int, max_seq_len: int, decode_mode: str = "auto"
+) -> dict[str, Any]:
     """Submit all prompts at once; decode speed counts only the steps after the first
     (which prefills, picks the first token and decodes once)."""
-    engine = Engine(model, max_batch_size=len(prompts), max_seq_len=max_seq_len)
+    engine = Engine(model, max_batch_size=len(prompts), max_seq_len=max_seq_len, decode_mode=decode_mode)
     start = time.perf_counter()
     handles = [engine.submit(request(p, new_tokens)) for p in prompts]
     engine.step()  # prefill, first token, one decode step
@@ -170,13 +173,16 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def run_benchmark(config_name: str, batch_sizes: Sequence[int], new_tokens: int, repeats: int) -> dict[str, Any]:
+def run_benchmark(
+    config_name: str, batch_sizes: Sequence[int], new_tokens: int, repeats: int, decode_mode: str = "auto"
+) -> dict[str, Any]:
     """All measurements; raises AssertionError if the batch-1 greedy tokens differ."""
     seed = 0
     model = build_model(config_name, seed)
     max_seq_len = max(PROMPT_LENGTHS) + new_tokens
     warm = random_prompts([8, 4], seed)
-    engine_batch(model, warm, 2, max_seq_len)
+    engine_batch(model, warm, 2, max_seq_len, decode_mode)
+    engine_batch(model, warm[:1], 2, max_seq_len, decode_mode)
     baseline_generate(model, warm, 2)
 
     throughput, decode = [], {}
@@ -185,7 +191,7 @@ def run_benchmark(config_name: str, batch_sizes: Sequence[int], new_tokens: int,
         prompts = random_prompts(lengths, seed + b)
         ours, base = paired_best(
             repeats,
-            lambda p=prompts: engine_batch(model, p, new_tokens, max_seq_len),
+            lambda p=prompts: engine_batch(model, p, new_tokens, max_seq_len, decode_mode),
             lambda p=prompts: baseline_batch(model, p, new_tokens),
             "total_s",
         )
@@ -243,6 +249,7 @@ def run_benchmark(config_name: str, batch_sizes: Sequence[int], new_tokens: int,
         "config_name": config_name,
         "config": CONFIGS[config_name],
         "dtype": "float32",
+        "decode_mode": decode_mode,
         "seed": seed,
         "repeats": repeats,
         "machine": machine_info(),
@@ -293,6 +300,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="runs per measurement, best kept (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="where to write the results")
+    p.add_argument(
+        "--decode-mode", choices=DECODE_MODES, default="auto", help="engine decode step: auto, eager or compile"
+    )
     return p.parse_args(argv)
 
 
@@ -307,7 +317,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if new_tokens < 2:
         raise SystemExit("--new-tokens must be at least 2 (decode speed needs a token after the first)")
     result = run_benchmark(
-        "tiny" if args.quick else "small-cpu", batch_sizes, new_tokens, args.repeats or (1 if args.quick else 2)
+        "tiny" if args.quick else "small-cpu",
+        batch_sizes,
+        new_tokens,
+        args.repeats or (1 if args.quick else 2),
+        args.decode_mode,
     )
     print(format_table(result))
     path = args.json

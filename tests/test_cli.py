@@ -108,7 +108,7 @@ def test_session_history_matches_chat(fp32_model, tokenizer, image, pictures, go
 
 def test_json_output(checkpoint_dir, image, capsys):
     args = ["generate", "--model", str(checkpoint_dir), "--image", str(image), "--prompt", QUESTION, "--json"]
-    assert main(args + ["--greedy", "--max-new-tokens", "4"]) == 0
+    assert main(args + ["--greedy", "--max-new-tokens", "4", "--decode-mode", "eager"]) == 0
     captured = capsys.readouterr()
     data = json.loads(captured.out)  # progress lines go to stderr only
     assert set(data) == {"response", "token_ids", "finish_reason", "boxes", "usage"}
@@ -182,6 +182,7 @@ def test_boxes_are_parsed_and_drawn(image, tmp_path):
 
 def test_bench_random_tiny(capsys):
     argv = ["bench", "--random-config", "tiny", "--batch-sizes", "1,2", "--new-tokens", "4", "--prompt-tokens", "8"]
+    argv += ["--decode-mode", "eager"]
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == HEADER

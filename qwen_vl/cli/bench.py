@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..engine.decode_step import DECODE_MODES
 from ..engine.engine import Engine
 from ..engine.request import GenerationRequest
 from ..engine.sampling import SamplingParams
@@ -76,12 +77,16 @@ def synthetic_requests(
     return requests
 
 
-def bench_batch(model, batch_size: int, prompt_tokens: int, new_tokens: int, image: bool = False) -> BenchRow:
+def bench_batch(
+    model, batch_size: int, prompt_tokens: int, new_tokens: int, image: bool = False, decode_mode: str = "auto"
+) -> BenchRow:
     """Run one batch of ``batch_size`` requests through a fresh engine and time it."""
     device = model.lm_head.weight.device
     requests = synthetic_requests(model, batch_size, prompt_tokens, new_tokens, image, seed=batch_size)
     length = len(requests[0].prompt_ids)
-    engine = Engine(model, None, max_batch_size=batch_size, max_seq_len=length + new_tokens + 1)
+    engine = Engine(
+        model, None, max_batch_size=batch_size, max_seq_len=length + new_tokens + 1, decode_mode=decode_mode
+    )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -114,6 +119,7 @@ def run_bench(
     prompt_tokens: int = 128,
     image: bool = False,
     on_row: Callable[[BenchRow], object] | None = None,
+    decode_mode: str = "auto",
 ) -> list[BenchRow]:
     """Measure each batch size in turn (after one short warm-up run)."""
     if new_tokens < 2:
@@ -121,10 +127,10 @@ def run_bench(
     if prompt_tokens < 1 or any(b < 1 for b in batch_sizes):
         raise ValueError("--prompt-tokens and every batch size must be at least 1")
     with torch.no_grad():
-        bench_batch(model, 1, min(prompt_tokens, 8), 2, image)  # warm-up
+        bench_batch(model, 1, min(prompt_tokens, 8), 2, image, decode_mode)  # warm-up (and compilation)
         rows = []
         for b in batch_sizes:
-            row = bench_batch(model, b, prompt_tokens, new_tokens, image)
+            row = bench_batch(model, b, prompt_tokens, new_tokens, image, decode_mode)
             rows.append(row)
             if on_row is not None:
                 on_row(row)
@@ -175,6 +181,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=128, help="text tokens per prompt")
     p.add_argument("--image", action="store_true", help="put one (random) image before each prompt")
+    p.add_argument("--decode-mode", choices=DECODE_MODES, default="auto", help="decode step (auto: compiled on GPU)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(run=run)
@@ -190,5 +197,13 @@ def run(args: argparse.Namespace) -> int:
     def show(row: BenchRow) -> None:
         print(json.dumps(asdict(row)) if args.json else format_row(row), flush=True)
 
-    run_bench(model, args.batch_sizes, args.new_tokens, args.prompt_tokens, args.image, on_row=show)
+    run_bench(
+        model,
+        args.batch_sizes,
+        args.new_tokens,
+        args.prompt_tokens,
+        args.image,
+        on_row=show,
+        decode_mode=args.decode_mode,
+    )
     return 0

@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     for source in args.image:
         store.add_named(source)
     model = load_model(opts)
-    with ChatSession(model, tokenizer, generation_options(args), store, opts.max_seq_len) as session:
+    with ChatSession(model, tokenizer, generation_options(args), store, opts.max_seq_len, opts.decode_mode) as session:
         for source in args.image:
             session.attach(source)
         if sys.stdin.isatty():

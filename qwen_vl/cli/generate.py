@@ -37,6 +37,7 @@ def answer_once(
     save_dir: str | Path | None = None,
     on_text: TextSink | None = None,
     store: ImageStore | None = None,
+    decode_mode: str = "auto",
 ) -> Answer:
     """Answer ``prompt`` about ``images`` with a loaded model: a chat turn (as ``model.chat``)
     or, with ``raw=True``, a continuation of the text. With ``save_dir``, boxes in the
@@ -44,7 +45,7 @@ def answer_once(
     hold images loaded already (``images_allowed`` then does not apply)."""
     if store is None:
         store = ImageStore((images_allowed or ImageOptions()).policy())
-    with ChatSession(model, tokenizer, options, store, max_seq_len) as session:
+    with ChatSession(model, tokenizer, options, store, max_seq_len, decode_mode) as session:
         for source in images:
             session.attach(str(source))
         answer = session.ask(prompt, on_text=on_text, raw=raw)
@@ -74,7 +75,7 @@ def generate(
     loaded = load_model(model_opts)
     return answer_once(
         loaded, tokenizer, prompt, refs, options, raw=raw, max_seq_len=model_opts.max_seq_len, save_dir=save_dir,
-        store=store,
+        store=store, decode_mode=model_opts.decode_mode,
     )  # fmt: skip
 
 

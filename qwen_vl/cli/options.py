@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..chat import DEFAULT_SYSTEM
+from ..engine.decode_step import DECODE_MODES
 from ..engine.sampling import SamplingParams
 from ..images import ImagePolicy
 
@@ -23,6 +24,7 @@ class ModelOptions:
     dtype: str | None = None  # None: float32 on CPU, the checkpoint's dtype elsewhere
     max_seq_len: int | None = None  # None: the model's max_position_embeddings
     quiet: bool = False
+    decode_mode: str = "auto"  # the engine's decode step: auto, eager or compile
 
     def resolved_dtype(self) -> str:
         if self.dtype is not None:
@@ -96,6 +98,12 @@ def add_model_flags(parser: argparse.ArgumentParser, required: bool = True) -> N
     group.add_argument(
         "--max-seq-len", type=int, default=None, help="KV cache positions (default: the model's maximum)"
     )
+    group.add_argument(
+        "--decode-mode",
+        choices=DECODE_MODES,
+        default="auto",
+        help="decode step: compiled (torch.compile, CUDA graphs on GPU), eager, or auto (compiled on GPU only)",
+    )
     group.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
@@ -132,7 +140,7 @@ def add_image_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def model_options(args: argparse.Namespace) -> ModelOptions:
-    return ModelOptions(args.model, args.device, args.dtype, args.max_seq_len, args.quiet)
+    return ModelOptions(args.model, args.device, args.dtype, args.max_seq_len, args.quiet, args.decode_mode)
 
 
 def generation_options(args: argparse.Namespace) -> GenerationOptions:

@@ -126,6 +126,7 @@ class ChatSession:
         options: GenerationOptions | None = None,
         store: ImageStore | None = None,
         max_seq_len: int | None = None,
+        decode_mode: str = "auto",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -136,7 +137,7 @@ class ChatSession:
         self.max_new_tokens = self.options.new_tokens(gc)
         self.max_window_size = int(getattr(gc, "max_window_size", None) or 6144)
         self.eos_token_ids = as_id_list(getattr(gc, "eos_token_id", None)) or [tokenizer.eod_id]
-        self.engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=max_seq_len)
+        self.engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=max_seq_len, decode_mode=decode_mode)
         self._failed = _FailedSteps()
         logging.getLogger(engine_module.__name__).addHandler(self._failed)
         self.history: list[tuple[str, str]] = []

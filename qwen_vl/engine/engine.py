@@ -24,6 +24,7 @@ import torch
 from ..images import image_transform, load_image
 from ..model.image_spans import find_image_spans
 from ..model.rotary import ntk_alpha_for_length
+from .decode_step import DecodeStep
 from .detokenize import IncrementalDetokenizer
 from .image_cache import ImageFeatureCache
 from .kv_cache import KVCache
@@ -58,7 +59,8 @@ class Engine:
     = 2 x layers x rows x slots x hidden x dtype size). With a ``tokenizer`` the
     handles also receive text (special tokens skipped) and stop strings apply.
     The keys/values of up to ``reuse_prefixes`` finished requests are kept, so a
-    conversation's next turn prefills only its new tokens.
+    conversation's next turn prefills only its new tokens. ``decode_mode``
+    ("auto", "eager", "compile") chooses how decode steps run (``DecodeStep``).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class Engine:
         max_seq_len: int | None = None,
         image_cache_size: int = 64,
         reuse_prefixes: int = 4,
+        decode_mode: str = "auto",
     ) -> None:
         cfg = model.config
         self.model = model.eval()
@@ -80,6 +83,7 @@ class Engine:
             cfg.num_hidden_layers, max_batch_size, cfg.num_attention_heads, cfg.head_dim,
             self.max_seq_len, dtype=model.lm_head.weight.dtype, device=self.device,
         )  # fmt: skip
+        self.decode_step = DecodeStep(model, self.cache, decode_mode)
         if model.image_cache is None:
             model.image_cache = ImageFeatureCache(image_cache_size)
         self.image_cache: ImageFeatureCache = model.image_cache
@@ -297,10 +301,8 @@ class Engine:
         return pixels
 
     def _decode(self) -> None:
-        n = len(self.active)
-        last = torch.tensor([[r.ids[-1]] for r in self.active], dtype=torch.long, device=self.device)
-        out = self.model(last, kv_cache=self.cache.rows(0, n), logits_to_keep=1)
-        self._choose(self.active, out.logits[:, -1])
+        logits = self.decode_step([r.ids[-1] for r in self.active])  # (n, vocab)
+        self._choose(self.active, logits)
 
     def _choose(self, runs: list[_Running], logits: torch.Tensor) -> None:
         """Pick the next token of each of ``runs`` from its logits row (B, V)."""

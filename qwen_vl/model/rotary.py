@@ -40,6 +40,11 @@ def rotary_cos_sin(
     else:
         table = {a: rotary_inv_freq(base, a, dim, device) for a in distinct}
         inv_freq = torch.stack([table[a] for a in alphas])  # (B, dim/2)
+    return cos_sin_from_inv_freq(positions, inv_freq)
+
+
+def cos_sin_from_inv_freq(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos / sin (B, T, 1, dim) float32 for ``positions`` (B, T) and per-row ``inv_freq`` (B or 1, dim/2)."""
     freqs = positions.float()[:, :, None] * inv_freq[:, None, :]  # (B, T, dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (B, T, 1, dim)
     return emb.cos(), emb.sin()
