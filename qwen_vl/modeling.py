@@ -115,6 +115,8 @@ def _inside_vision(model: nn.Module, module: nn.Module) -> bool:
 class QWenLMHeadModel(QWenPreTrainedModel):
     """Qwen-VL / Qwen-VL-Chat: vision tower + resampler + Qwen LLM + LM head."""
 
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}  # tied only with tie_word_embeddings
+
     def __init__(self, config: QWenConfig) -> None:
         super().__init__(config)
         self.transformer = QWenModel(config)
@@ -230,6 +232,8 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         output_hidden_states: bool | None = None,
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
+        loss_reduction: str = "mean",
+        compute_logits: bool = True,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Logits (B, T, vocab) for ``input_ids`` (B, T).
@@ -237,10 +241,17 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         ``images`` (PIL images, paths, bytes, or pixel tensors (3, S, S)) fill the
         ``<img>`` spans in order; without them the spans' own paths are opened
         under ``self.image_policy``. ``logits_to_keep`` > 0 computes logits of the
-        last positions only. ``labels`` (-100 = ignored) give a shifted LM loss.
+        last positions only. ``labels`` (-100 = ignored) give a shifted LM loss,
+        the ``loss_reduction`` ("mean" or "sum") of the labelled tokens' losses; it
+        divided by ``num_items_in_batch`` instead of their count when the Trainer
+        passes it (gradient accumulation). It runs ``lm_head`` on the labelled positions only, so with
+        ``compute_logits=False`` (logits None) training never builds (B, T, vocab).
         """
         for unused in ("past_key_values", "use_cache", "position_ids", "token_type_ids", "output_attentions"):
             kwargs.pop(unused, None)
+        if kwargs.get("inputs_embeds", 0) is None:
+            kwargs.pop("inputs_embeds")
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)  # Trainer: tokens of the whole accumulated batch
         if kwargs:
             raise TypeError(f"forward got unexpected keyword arguments: {', '.join(sorted(kwargs))}")
         want_hidden = bool(
@@ -253,14 +264,24 @@ class QWenLMHeadModel(QWenPreTrainedModel):
             encode_spans=self.span_encoder(images),
             output_hidden_states=want_hidden,
         )
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)
         loss = None
         if labels is not None:
-            shift_logits = logits[:, :-1].float()
-            shift_labels = labels[:, 1:].to(logits.device)
-            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1))
+            if loss_reduction not in ("mean", "sum"):
+                raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+            shift_labels = labels[:, 1:].to(h.device)  # (B, T-1)
+            labelled = shift_labels != -100
+            picked = self.lm_head(h[:, :-1][labelled]).float()  # (N, vocab): labelled positions only
+            if num_items_in_batch is not None and loss_reduction == "mean":
+                loss = F.cross_entropy(picked, shift_labels[labelled], reduction="sum") / num_items_in_batch
+            else:
+                loss = F.cross_entropy(picked, shift_labels[labelled], reduction=loss_reduction)
+        elif not compute_logits:
+            raise ValueError(
+                "compute_logits=False is for training with labels: without them there is nothing to return"
+            )
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h) if compute_logits else None
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

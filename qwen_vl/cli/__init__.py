@@ -1,4 +1,4 @@
-"""The ``qwen-vl`` command: ``generate``, ``chat`` and ``bench``.
+"""The ``qwen-vl`` command: ``generate``, ``chat``, ``bench``, ``finetune`` and ``merge``.
 
 Each subcommand is a thin argparse shell over typed functions (``generate.generate``,
 ``generate.answer_once``, ``chat.ChatLoop``, ``bench.run_bench``) that tests call directly.
@@ -11,17 +11,19 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import bench, chat, generate
+from . import bench, chat, finetune, generate, merge
 from .errors import CliError
 from .session import GenerationFailed
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-vl", description="Qwen-VL vision-language models")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,bench,finetune,merge}")
     generate.add_parser(sub)
     chat.add_parser(sub)
     bench.add_parser(sub)
+    finetune.add_parser(sub)
+    merge.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Fine-tuning: data, adapters, training loop, checkpoints."""

@@ -1,0 +1,79 @@
+"""Load the model a run trains and decide which of its weights train."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..modeling import QWenLMHeadModel
+from .lora import apply_lora, load_qlora_base
+from .settings import FinetuneSettings
+from .trainable import TrainableSummary, enable_gradient_checkpointing, set_trainable, trainable_summary
+
+
+@dataclass
+class TrainingModel:
+    """``wrapped``: what is saved (a peft model for LoRA, else the model itself);
+    ``core``: the ``QWenLMHeadModel`` the loop calls (LoRA layers inside)."""
+
+    wrapped: nn.Module
+    core: QWenLMHeadModel
+    dtype: torch.dtype
+    summary: TrainableSummary
+
+    @property
+    def is_peft(self) -> bool:
+        return self.wrapped is not self.core
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The weights that train, by their names in ``core`` (CPU copies)."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.core.named_parameters() if p.requires_grad}
+
+    def load_trainable(self, weights: dict[str, torch.Tensor], source: str | Path = "checkpoint") -> None:
+        """Put back weights saved by ``trainable_state``; every trainable weight must be there."""
+        expected = {n for n, p in self.core.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"{source}: its weights do not match this run's trainable weights "
+                f"(missing {missing[:5]}, unexpected {unexpected[:5]}); was it written with other "
+                "--lora / --fix-vit / --train-embeddings options?"
+            )
+        params = dict(self.core.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+
+
+def training_dtype(name: str, device: torch.device, full: bool) -> torch.dtype:
+    """``"auto"``: bfloat16 on a GPU that has it, float32 otherwise."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    dtype = getattr(torch, name)
+    if dtype == torch.float16 and full:
+        raise ValueError("--dtype float16 trains only adapters (--lora); full fine-tuning needs bfloat16 or float32")
+    return dtype
+
+
+def prepare_model(settings: FinetuneSettings, device: torch.device) -> TrainingModel:
+    """The model of ``settings.model`` on ``device`` with its trainable weights chosen."""
+    full = not settings.lora
+    dtype = training_dtype(settings.dtype, device, full)
+    if settings.q_lora:
+        core = load_qlora_base(settings.model, compute_dtype=dtype, device=device)
+    else:
+        core = QWenLMHeadModel.from_pretrained(settings.model, dtype=dtype, device=device)
+    if settings.gradient_checkpointing:
+        enable_gradient_checkpointing(core)
+    if full:
+        summary = set_trainable(core, fix_vit=settings.fix_vit)
+        return TrainingModel(core, core, dtype, summary)
+    wrapped = apply_lora(
+        core, settings.lora_settings(), train_embeddings=settings.train_embeddings, fix_vit=settings.fix_vit
+    )
+    return TrainingModel(wrapped, wrapped.get_base_model(), dtype, trainable_summary(wrapped))

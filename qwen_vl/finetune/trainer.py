@@ -1,0 +1,263 @@
+"""The training loop: full, LoRA or Q-LoRA fine-tuning, on one process or under torchrun.
+
+Each optimizer step takes ``gradient_accumulation_steps`` micro-batches per
+process. The loss is the sum of the token losses of the whole global batch
+divided by its number of trained tokens (counted over every process before the
+backward passes), so N processes with batch b reach the same weights as one
+process with batch N x b, and padding or micro-batch boundaries change nothing.
+
+Every ``save_steps`` steps a checkpoint (trainable weights, optimizer, scheduler,
+RNG states of every rank, data position) is written atomically; ``resume=True``
+continues from the newest one exactly as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from ..model.saving import atomic_write
+from ..tokenizer import QWenTokenizer
+from .batch_order import ResumableBatchSampler
+from .checkpoints import (
+    TrainState,
+    gather_rng_states,
+    latest_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
+from .dataset import SupervisedDataset, collate
+from .distributed import ProcessInfo, all_reduce_sum, barrier, init_processes
+from .loss_log import LossLog
+from .model_setup import prepare_model
+from .oom import explain_oom, is_oom
+from .outputs import save_final
+from .progress import TrainingProgress
+from .schedule import make_scheduler
+from .settings import FinetuneSettings
+from .supervised import IGNORE_INDEX
+from .validation import validate_data
+
+
+class TrainingOutOfMemory(RuntimeError):
+    """Training ran out of memory; the message names the options that lower it."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    mode: str
+    global_step: int
+    total_steps: int
+    losses: list[float] = field(default_factory=list)  # one per optimizer step of this run
+    tokens_seen: int = 0
+    tokens_per_s: float = 0.0
+    final_dir: Path | None = None
+    resumed_from: Path | None = None
+
+
+def train(settings: FinetuneSettings, *, stream: TextIO | None = None, quiet: bool = False) -> TrainResult:
+    """Fine-tune ``settings.model`` on ``settings.data``; see ``docs/finetune.md``."""
+    try:
+        return _Run(settings, stream, quiet).run()
+    except Exception as e:
+        if is_oom(e):
+            raise TrainingOutOfMemory(explain_oom(e, settings.as_dict())) from e
+        raise
+
+
+class _Run:
+    def __init__(self, settings: FinetuneSettings, stream: TextIO | None, quiet: bool) -> None:
+        self.s = settings
+        self.stream, self.quiet = stream, quiet
+        self.out = Path(settings.output_dir)
+        self.proc: ProcessInfo = init_processes(settings.device)
+
+    # ----- setup -------------------------------------------------------------
+    def run(self) -> TrainResult:
+        s, proc = self.s, self.proc
+        tokenizer = QWenTokenizer.from_pretrained(s.model)
+        examples, _ = validate_data(
+            s.data,
+            tokenizer,
+            model_max_length=s.model_max_length,
+            truncation=s.truncation,
+            image_root=s.image_root,
+            system=s.system,
+            skip_bad=s.skip_bad,
+            report_path=self.out / "data_report.json" if proc.is_main else None,
+        )
+        if proc.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(s.as_dict(), indent=2, ensure_ascii=False) + "\n"
+            atomic_write(self.out / "settings.json", lambda p: p.write_text(text, encoding="utf-8"))
+        torch.manual_seed(s.seed)
+        tm = prepare_model(s, proc.device)
+        self.tm = tm
+        image_size = int(tm.core.config.visual["image_size"])
+        dataset = SupervisedDataset(examples, image_size)
+        sampler = ResumableBatchSampler(
+            len(dataset),
+            s.batch_size,
+            seed=s.seed,
+            lengths=dataset.lengths if s.group_by_length else None,
+            num_replicas=proc.world_size,
+            rank=proc.rank,
+        )
+        if not sampler.batches():
+            raise ValueError(
+                f"{len(dataset)} usable records cannot fill one global batch of "
+                f"{s.batch_size * proc.world_size} (--batch-size x processes)"
+            )
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=lambda batch: collate(batch, tokenizer.eod_id),
+            generator=torch.Generator().manual_seed(s.seed),
+        )
+        micro_per_epoch = len(sampler.batches())
+        steps_per_epoch = math.ceil(micro_per_epoch / s.gradient_accumulation_steps)
+        total_steps = s.max_steps or s.epochs * steps_per_epoch
+        params = [p for p in tm.core.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": [p for p in params if p.ndim >= 2], "weight_decay": s.weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            ],
+            lr=s.learning_rate,
+            betas=(s.adam_beta1, s.adam_beta2),
+            eps=s.adam_epsilon,
+        )
+        scheduler = make_scheduler(
+            optimizer, s.lr_scheduler, total_steps=total_steps, warmup_ratio=s.warmup_ratio
+        )  # fmt: skip
+        state = TrainState(sampler_seed=s.seed)
+        resumed_from = latest_checkpoint(self.out) if s.resume else None
+        if resumed_from is not None:
+            weights, state = load_training_checkpoint(resumed_from, optimizer=optimizer, scheduler=scheduler)
+            tm.load_trainable(weights, source=resumed_from)
+        model = tm.core
+        if proc.distributed:
+            ids = [proc.device.index] if proc.device.type == "cuda" else None
+            model = DistributedDataParallel(tm.core, device_ids=ids)
+        log = LossLog(self.out, resume_step=state.global_step) if proc.is_main else None
+        progress = TrainingProgress(total_steps, self.stream, self.quiet or not proc.is_main)
+        result = TrainResult(self.out, s.mode(), state.global_step, total_steps, resumed_from=resumed_from)
+        try:
+            self._loop(model, loader, sampler, optimizer, scheduler, state, total_steps, log, progress, result)
+        finally:
+            progress.close()
+            if log is not None:
+                log.close()
+        if proc.is_main:
+            result.final_dir = save_final(tm, self.s, self.out)
+            if log is not None and log.rows:
+                log.write_png()
+        barrier()
+        return result
+
+    # ----- the loop ------------------------------------------------------------
+    def _loop(self, model, loader, sampler, optimizer, scheduler, state, total_steps, log, progress, result) -> None:
+        s = self.s
+        accum = s.gradient_accumulation_steps
+        params = [p for p in self.tm.core.parameters() if p.requires_grad]
+        model.train()
+        start = time.monotonic()
+        run_tokens = 0
+        while state.global_step < total_steps:
+            sampler.set_epoch(state.epoch)
+            sampler.skip(state.batch_in_epoch)
+            batches = iter(loader)
+            while state.global_step < total_steps:
+                window = [b for _, b in zip(range(accum), batches)]
+                if not window:
+                    break
+                loss, tokens = self._step(model, window, params)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.global_step += 1
+                state.batch_in_epoch += len(window)
+                state.tokens_seen += tokens
+                run_tokens += tokens
+                result.global_step = state.global_step
+                result.losses.append(loss)
+                elapsed = time.monotonic() - start
+                tokens_per_s = run_tokens / max(elapsed, 1e-9)
+                lr = scheduler.get_last_lr()[0]
+                epoch = state.epoch + state.batch_in_epoch / max(len(sampler.batches()), 1)
+                if state.global_step % s.logging_steps == 0 or state.global_step == total_steps:
+                    if log is not None:
+                        log.log(state.global_step, epoch, loss, lr, state.tokens_seen, tokens_per_s, elapsed)
+                    progress.update(state.global_step, loss, lr, tokens_per_s)
+                if s.save_steps and state.global_step % s.save_steps == 0 and state.global_step < total_steps:
+                    self._save(optimizer, scheduler, state, log)
+            else:
+                break  # the last step came before the end of this epoch
+            state.epoch += 1
+            state.batch_in_epoch = 0
+        result.tokens_seen = state.tokens_seen
+        result.tokens_per_s = run_tokens / max(time.monotonic() - start, 1e-9)
+
+    def _step(self, model, window: list[dict], params: list[torch.nn.Parameter]) -> tuple[float, int]:
+        """Forward and backward over one window of micro-batches; returns (loss, tokens)."""
+        proc, device = self.proc, self.proc.device
+        trained = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window), device=device)
+        tokens = torch.tensor(sum(int(b["attention_mask"].sum()) for b in window), device=device)
+        all_reduce_sum(trained)
+        all_reduce_sum(tokens)
+        denominator = trained.clamp(min=1).double()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for j, batch in enumerate(window):
+            last = j == len(window) - 1
+            sync = nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
+            with sync:
+                micro = self._micro_loss(model, batch)
+                # DistributedDataParallel averages gradients over processes: undo its 1/N.
+                (micro * proc.world_size / denominator).backward()
+            loss_sum += micro.detach().double()
+        all_reduce_sum(loss_sum)
+        if self.s.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.s.max_grad_norm)
+        return float(loss_sum / denominator), int(tokens)
+
+    def _micro_loss(self, model, batch: dict) -> torch.Tensor:
+        """Sum of the token losses of one micro-batch (float32 scalar)."""
+        device, dtype = self.proc.device, self.tm.dtype
+        images = [im.to(device, dtype) for im in batch["images"]] if batch["images"] else None
+        out = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            images=images,
+            labels=batch["labels"].to(device),
+            loss_reduction="sum",
+            compute_logits=False,  # lm_head runs on the trained positions only
+        )
+        return out.loss
+
+    def _save(self, optimizer, scheduler, state: TrainState, log: LossLog | None) -> None:
+        rng = gather_rng_states()
+        if self.proc.is_main:
+            save_training_checkpoint(
+                self.out,
+                state.global_step,
+                model_state=self.tm.trainable_state(),
+                optimizer=optimizer,
+                scheduler=scheduler,
+                train_state=state,
+                keep_last=self.s.save_total_limit,
+                rng_states=rng,
+                is_main_process=True,
+            )
+            if log is not None and log.rows:
+                log.write_png()
+        barrier()
