@@ -4,7 +4,8 @@ the same model, data and settings, LoRA and full, each in a fresh process.
     python bench/finetune_cpu.py [--quick] [--steps 6] [--threads N] [--json PATH]
 
 Reports training tokens/s (real tokens of the batches over the time of the optimizer
-steps, model loading excluded) and the peak resident memory of each process.
+steps, model loading and the final save excluded) and the peak resident memory of each
+process (both end by writing their final weights).
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ else:
     seconds = time.perf_counter() - start
     tokens_per_s = sum(counted[: settings.max_steps * 1]) / seconds
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    trainer.save_model(spec["hf_dir"] + "/final")  # both runs end by writing their weights
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"tokens_per_s": tokens_per_s, "peak_rss_bytes": peak, "losses": losses}))
 """

@@ -133,9 +133,9 @@ def test_settings_name_the_bad_option(checkpoint_dir, tmp_path):
     assert settings(checkpoint_dir, tmp_path / "d.json", tmp_path, q_lora=True).mode() == "q-lora"
 
 
-def test_full_float16_is_refused_before_training(checkpoint_dir, tmp_path):
+def test_float16_is_refused_before_training(checkpoint_dir, tmp_path):
     data = make_data(tmp_path / "data")
-    with pytest.raises(ValueError, match="full fine-tuning needs bfloat16 or float32"):
+    with pytest.raises(ValueError, match="--dtype float16: training in float16 needs loss scaling"):
         train(settings(checkpoint_dir, data, tmp_path / "out", dtype="float16", max_steps=1), quiet=True)
 
 

@@ -48,22 +48,25 @@ class TrainingModel:
                 params[name].copy_(value)
 
 
-def training_dtype(name: str, device: torch.device, full: bool) -> torch.dtype:
+def training_dtype(name: str, device: torch.device) -> torch.dtype:
     """``"auto"``: bfloat16 on a GPU that has it, float32 otherwise."""
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
     dtype = getattr(torch, name)
-    if dtype == torch.float16 and full:
-        raise ValueError("--dtype float16 trains only adapters (--lora); full fine-tuning needs bfloat16 or float32")
+    if dtype == torch.float16:
+        raise ValueError(
+            "--dtype float16: training in float16 needs loss scaling, which this trainer does not do; "
+            "use bfloat16 (GPUs since Ampere) or float32"
+        )
     return dtype
 
 
 def prepare_model(settings: FinetuneSettings, device: torch.device) -> TrainingModel:
     """The model of ``settings.model`` on ``device`` with its trainable weights chosen."""
     full = not settings.lora
-    dtype = training_dtype(settings.dtype, device, full)
+    dtype = training_dtype(settings.dtype, device)
     if settings.q_lora:
         core = load_qlora_base(settings.model, compute_dtype=dtype, device=device)
     else:
