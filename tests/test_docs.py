@@ -1,4 +1,4 @@
-"""Every ``python`` example in README.md, docs/model.md, docs/engine.md and docs/finetune.md runs (from the repository root)."""
+"""Every ``python`` example in README.md, docs/model.md, docs/engine.md, docs/finetune.md and docs/eval.md runs (from the repository root)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
-DOCS = [REPO_ROOT / "README.md", *(REPO_ROOT / "docs" / name for name in ("model.md", "engine.md", "finetune.md"))]
+DOCS = [REPO_ROOT / "README.md", *(REPO_ROOT / "docs" / name for name in ("model.md", "engine.md", "finetune.md", "eval.md"))]
 EXAMPLES = [
     (doc, i, block)
     for doc in DOCS

@@ -1,0 +1,1 @@
+"""Evaluation of Qwen-VL models on public benchmarks."""
