@@ -72,6 +72,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--save-total-limit", type=int, default=3, help="checkpoints kept")
     run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     run.add_argument("--logging-steps", type=int, default=1)
+    shard = run.add_mutually_exclusive_group()
+    shard.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state (FSDP2)")
+    shard.add_argument(
+        "--deepspeed",
+        default=None,
+        metavar="CONFIG",
+        help="DeepSpeed JSON config, or zero2, zero3, zero3_offload (shipped)",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(run=run_finetune)
 
@@ -83,7 +91,8 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
         "q_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "train_embeddings", "fix_vit",
         "learning_rate", "weight_decay", "adam_beta2", "lr_scheduler", "warmup_ratio", "max_grad_norm", "epochs",
         "max_steps", "batch_size", "gradient_accumulation_steps", "group_by_length", "dtype", "device",
-        "gradient_checkpointing", "seed", "save_steps", "save_total_limit", "resume", "logging_steps",
+        "gradient_checkpointing", "seed", "save_steps", "save_total_limit", "resume", "logging_steps", "fsdp",
+        "deepspeed",
     )  # fmt: skip
     values = {n: getattr(args, n) for n in names}
     if args.system is not None:
@@ -92,12 +101,14 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    from ..finetune.deepspeed_config import DeepSpeedConfigError
+    from ..finetune.deepspeed_engine import DeepSpeedUnavailableError
     from ..finetune.lora import QLoraUnavailableError
     from ..finetune.trainer import TrainingOutOfMemory, train
 
     try:
         result = train(settings_from_args(args), quiet=args.quiet)
-    except (QLoraUnavailableError, NotImplementedError) as e:
+    except (QLoraUnavailableError, NotImplementedError, DeepSpeedConfigError, DeepSpeedUnavailableError) as e:
         raise CliError(str(e)) from e
     except TrainingOutOfMemory as e:
         print(f"qwen-vl: error: {e}", file=sys.stderr)

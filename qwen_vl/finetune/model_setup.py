@@ -17,7 +17,8 @@ from .trainable import TrainableSummary, enable_gradient_checkpointing, set_trai
 @dataclass
 class TrainingModel:
     """``wrapped``: what is saved (a peft model for LoRA, else the model itself);
-    ``core``: the ``QWenLMHeadModel`` the loop calls (LoRA layers inside)."""
+    ``core``: the ``QWenLMHeadModel`` the loop calls (LoRA layers inside); ``dtype``: the
+    compute dtype (under ``--fsdp`` the parameters stay float32 master weights)."""
 
     wrapped: nn.Module
     core: QWenLMHeadModel
@@ -70,7 +71,8 @@ def prepare_model(settings: FinetuneSettings, device: torch.device) -> TrainingM
     if settings.q_lora:
         core = load_qlora_base(settings.model, compute_dtype=dtype, device=device)
     else:
-        core = QWenLMHeadModel.from_pretrained(settings.model, dtype=dtype, device=device)
+        storage = torch.float32 if settings.fsdp else dtype  # FSDP casts to ``dtype`` per unit
+        core = QWenLMHeadModel.from_pretrained(settings.model, dtype=storage, device=device)
     if settings.gradient_checkpointing:
         enable_gradient_checkpointing(core)
     if full:

@@ -21,7 +21,8 @@ class FinetuneSettings:
 
     ``batch_size`` is per process; the global batch is ``batch_size x processes x
     gradient_accumulation_steps``. ``dtype="auto"`` trains in bfloat16 on a GPU that
-    supports it and in float32 otherwise.
+    supports it and in float32 otherwise. ``fsdp`` or ``deepspeed`` shard the model,
+    gradients and optimizer state over the processes (see ``docs/finetune.md``).
     """
 
     model: str | Path
@@ -65,6 +66,9 @@ class FinetuneSettings:
     save_total_limit: int | None = 3
     resume: bool = False
     logging_steps: int = 1
+    # sharding over the processes of a torchrun group
+    fsdp: bool = False
+    deepspeed: str | Path | None = None  # a JSON config, or "zero2", "zero3", "zero3_offload"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -105,6 +109,10 @@ class FinetuneSettings:
             self.lora = True
         if not self.data:
             raise ValueError("--data: give at least one data file")
+        if self.fsdp and self.deepspeed is not None:
+            raise ValueError("--fsdp and --deepspeed both shard the model: choose one")
+        if self.q_lora and (self.fsdp or self.deepspeed is not None):
+            raise ValueError("--q-lora trains on one GPU per process: it does not combine with --fsdp or --deepspeed")
 
     def lora_settings(self) -> LoraSettings:
         return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=self.lora_targets)

@@ -9,14 +9,19 @@ process with batch N x b, and padding or micro-batch boundaries change nothing.
 Every ``save_steps`` steps a checkpoint (trainable weights, optimizer, scheduler,
 RNG states of every rank, data position) is written atomically; ``resume=True``
 continues from the newest one exactly as if the run had never stopped.
+
+Several processes replicate the model (DistributedDataParallel) or shard it:
+``fsdp`` (torch FSDP2, :mod:`.sharding`) or ``deepspeed`` (ZeRO, :mod:`.deepspeed_engine`).
+The loss math is the same in all four.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -27,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from ..model.saving import atomic_write
 from ..tokenizer import QWenTokenizer
+from . import deepspeed_engine, sharding
 from .batch_order import ResumableBatchSampler
 from .checkpoints import (
     TrainState,
@@ -36,6 +42,7 @@ from .checkpoints import (
     save_training_checkpoint,
 )
 from .dataset import SupervisedDataset, collate
+from .deepspeed_config import load_config, resolve_config
 from .distributed import ProcessInfo, all_reduce_sum, barrier, init_processes
 from .loss_log import LossLog
 from .model_setup import prepare_model
@@ -81,6 +88,7 @@ class _Run:
         self.stream, self.quiet = stream, quiet
         self.out = Path(settings.output_dir)
         self.proc: ProcessInfo = init_processes(settings.device)
+        self.engine = None  # the DeepSpeed engine under --deepspeed
 
     # ----- setup -------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -127,26 +135,40 @@ class _Run:
         micro_per_epoch = len(sampler.batches())
         steps_per_epoch = math.ceil(micro_per_epoch / s.gradient_accumulation_steps)
         total_steps = s.max_steps or s.epochs * steps_per_epoch
+        if s.fsdp or s.deepspeed is not None:
+            sharding.ensure_process_group(proc.device)
+        if s.fsdp:
+            sharding.shard_model(tm.core, tm.dtype)
         params = [p for p in tm.core.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": s.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
         optimizer = torch.optim.AdamW(
-            [
-                {"params": [p for p in params if p.ndim >= 2], "weight_decay": s.weight_decay},
-                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-            ],
-            lr=s.learning_rate,
-            betas=(s.adam_beta1, s.adam_beta2),
-            eps=s.adam_epsilon,
+            groups, lr=s.learning_rate, betas=(s.adam_beta1, s.adam_beta2), eps=s.adam_epsilon
         )
-        scheduler = make_scheduler(
-            optimizer, s.lr_scheduler, total_steps=total_steps, warmup_ratio=s.warmup_ratio
-        )  # fmt: skip
+
+        def schedule(opt: torch.optim.Optimizer):
+            return make_scheduler(opt, s.lr_scheduler, total_steps=total_steps, warmup_ratio=s.warmup_ratio)
+
+        model = tm.core
+        if s.deepspeed is not None:
+            raw, source = load_config(s.deepspeed)
+            hidden = int(tm.core.config.hidden_size)
+            config = resolve_config(
+                raw, s, world_size=proc.world_size, dtype=tm.dtype, hidden_size=hidden, source=source
+            )
+            model = self.engine = deepspeed_engine.start_engine(
+                tm.core, groups, optimizer, schedule, config, proc.device
+            )
+            optimizer, scheduler = self.engine.optimizer, self.engine.lr_scheduler
+        else:
+            scheduler = schedule(optimizer)
         state = TrainState(sampler_seed=s.seed)
         resumed_from = latest_checkpoint(self.out) if s.resume else None
         if resumed_from is not None:
-            weights, state = load_training_checkpoint(resumed_from, optimizer=optimizer, scheduler=scheduler)
-            tm.load_trainable(weights, source=resumed_from)
-        model = tm.core
-        if proc.distributed:
+            state = self._resume(resumed_from, optimizer, scheduler)
+        if proc.distributed and not s.fsdp and s.deepspeed is None:
             ids = [proc.device.index] if proc.device.type == "cuda" else None
             model = DistributedDataParallel(tm.core, device_ids=ids)
         log = LossLog(self.out, resume_step=state.global_step) if proc.is_main else None
@@ -158,12 +180,40 @@ class _Run:
             progress.close()
             if log is not None:
                 log.close()
-        if proc.is_main:
-            result.final_dir = save_final(tm, self.s, self.out)
-            if log is not None and log.rows:
-                log.write_png()
+        with self._whole_model():
+            if proc.is_main:
+                result.final_dir = save_final(tm, self.s, self.out)
+                if log is not None and log.rows:
+                    log.write_png()
         barrier()
         return result
+
+    def _resume(self, path: Path, optimizer, scheduler) -> TrainState:
+        """Load a checkpoint into the model, optimizer and scheduler; returns its TrainState."""
+        if self.engine is not None:
+            _, state = load_training_checkpoint(path, optimizer=None, scheduler=None)
+            deepspeed_engine.load_engine_state(self.engine, path)  # weights, optimizer and scheduler
+            return state
+        if self.s.fsdp:
+            full = sharding.FullOptimizerState(self.tm.core, optimizer)
+            weights, state = load_training_checkpoint(path, optimizer=full, scheduler=scheduler)
+            sharding.load_trainable(self.tm.core, weights, source=str(path))
+            return state
+        weights, state = load_training_checkpoint(path, optimizer=optimizer, scheduler=scheduler)
+        self.tm.load_trainable(weights, source=path)
+        return state
+
+    @contextmanager
+    def _whole_model(self):
+        """The model with whole (unsharded) parameters inside the block, for the final save."""
+        if self.s.fsdp:
+            sharding.unshard_in_place(self.tm.core)
+            yield
+        elif self.engine is not None:
+            with deepspeed_engine.gathered(list(self.tm.core.parameters())):
+                yield
+        else:
+            yield
 
     # ----- the loop ------------------------------------------------------------
     def _loop(self, model, loader, sampler, optimizer, scheduler, state, total_steps, log, progress, result) -> None:
@@ -182,9 +232,10 @@ class _Run:
                 if not window:
                     break
                 loss, tokens = self._step(model, window, params)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                if self.engine is None:  # the DeepSpeed engine steps in _step
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
                 state.global_step += 1
                 state.batch_in_epoch += len(window)
                 state.tokens_seen += tokens
@@ -219,14 +270,21 @@ class _Run:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for j, batch in enumerate(window):
             last = j == len(window) - 1
-            sync = nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
-            with sync:
-                micro = self._micro_loss(model, batch)
-                # DistributedDataParallel averages gradients over processes: undo its 1/N.
-                (micro * proc.world_size / denominator).backward()
+            # DDP, FSDP and DeepSpeed average gradients over processes: ``* world_size`` undoes their 1/N.
+            if self.engine is not None:
+                self.engine.set_gradient_accumulation_boundary(last)  # also for a short last window
+                micro = self._micro_loss(self.engine, batch)
+                self.engine.backward(micro * proc.world_size / denominator, scale_wrt_gas=False)
+                self.engine.step()  # the optimizer, clipping and scheduler step on the boundary only
+            else:
+                sharding.set_gradient_sync(model, last)
+                sync = nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
+                with sync:
+                    micro = self._micro_loss(model, batch)
+                    (micro * proc.world_size / denominator).backward()
             loss_sum += micro.detach().double()
         all_reduce_sum(loss_sum)
-        if self.s.max_grad_norm > 0:
+        if self.s.max_grad_norm > 0 and self.engine is None:
             torch.nn.utils.clip_grad_norm_(params, self.s.max_grad_norm)
         return float(loss_sum / denominator), int(tokens)
 
@@ -246,18 +304,33 @@ class _Run:
 
     def _save(self, optimizer, scheduler, state: TrainState, log: LossLog | None) -> None:
         rng = gather_rng_states()
+        extra: dict[str, Path] = {}
+        if self.engine is not None:  # collectives first, on every rank
+            weights = deepspeed_engine.gather_trainable(self.tm.core)
+            extra[deepspeed_engine.ENGINE_DIR] = deepspeed_engine.save_engine_state(
+                self.engine, self.out, state.global_step
+            )
+            optimizer = None  # inside the engine's state
+        elif self.s.fsdp:
+            weights = sharding.gather_trainable(self.tm.core)
+            optimizer = sharding.Snapshot(sharding.FullOptimizerState(self.tm.core, optimizer).state_dict())
+        else:
+            weights = self.tm.trainable_state() if self.proc.is_main else {}
         if self.proc.is_main:
             save_training_checkpoint(
                 self.out,
                 state.global_step,
-                model_state=self.tm.trainable_state(),
+                model_state=weights,
                 optimizer=optimizer,
                 scheduler=scheduler,
                 train_state=state,
                 keep_last=self.s.save_total_limit,
                 rng_states=rng,
+                extra_files=extra,
                 is_main_process=True,
             )
+            for staging in extra.values():
+                shutil.rmtree(staging, ignore_errors=True)
             if log is not None and log.rows:
                 log.write_png()
         barrier()
