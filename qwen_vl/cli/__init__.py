@@ -1,4 +1,4 @@
-"""The ``qwen-vl`` command: ``generate``, ``chat``, ``bench``, ``finetune`` and ``merge``.
+"""The ``qwen-vl`` command: ``generate``, ``chat``, ``bench``, ``finetune``, ``merge`` and ``eval``.
 
 Each subcommand is a thin argparse shell over typed functions (``generate.generate``,
 ``generate.answer_once``, ``chat.ChatLoop``, ``bench.run_bench``) that tests call directly.
@@ -11,19 +11,20 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import bench, chat, finetune, generate, merge
+from . import bench, chat, eval, finetune, generate, merge
 from .errors import CliError
 from .session import GenerationFailed
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-vl", description="Qwen-VL vision-language models")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,bench,finetune,merge}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,bench,finetune,merge,eval}")
     generate.add_parser(sub)
     chat.add_parser(sub)
     bench.add_parser(sub)
     finetune.add_parser(sub)
     merge.add_parser(sub)
+    eval.add_parser(sub)
     return parser
 
 
