@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
-DOCS = [REPO_ROOT / "README.md", *(REPO_ROOT / "docs" / name for name in ("model.md", "engine.md", "finetune.md", "eval.md"))]
+DOCS = [
+    REPO_ROOT / "README.md",
+    *(REPO_ROOT / "docs" / name for name in ("model.md", "engine.md", "finetune.md", "eval.md")),
+]
 EXAMPLES = [
     (doc, i, block)
     for doc in DOCS
