@@ -4,6 +4,10 @@ the model's own greedy generation, a killed run resumes, likelihood scoring, out
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,7 @@ from qwen_vl.eval.likelihood import option_losses
 from qwen_vl.eval.runner import EvalSettings, evaluate
 from qwen_vl.eval.tasks.base import EvalItem, ReadResult, Task
 
+REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What colour is it?", "How many shapes?", "Where is the circle?", "Is it big?", "What is this?"]
 
 
@@ -167,3 +172,60 @@ def test_settings_name_the_bad_option():
 def test_unknown_task_lists_the_known_ones(data, tmp_path, fp32_model, tokenizer):
     with pytest.raises(ValueError, match="unknown task 'nope'; tasks: fake-vqa, fake-choice"):
         run(data, tmp_path / "o", fp32_model, tokenizer, task="nope")
+
+
+# ----- the command, one process and two ------------------------------------------------------
+
+
+def vqav2_fixture(folder: Path, n: int = 5) -> Path:
+    """VQAv2's questions + annotations pair and COCO-named images, ``n`` questions."""
+    (folder / "val2014").mkdir(parents=True)
+    questions, annotations = [], []
+    for i in range(n):
+        Image.new("RGB", (30 + 7 * i, 30), (40 * i, 90, 160)).save(folder / "val2014" / f"COCO_val2014_{i:012d}.jpg")
+        questions.append({"image_id": i, "question": QUESTIONS[i % len(QUESTIONS)], "question_id": 100 + i})
+        answers = [{"answer": "yes", "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)]
+        annotations.append({"question_id": 100 + i, "image_id": i, "answer_type": "yes/no", "answers": answers})
+    (folder / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": annotations}))
+    path = folder / "v2_OpenEnded_mscoco_val2014_questions.json"
+    path.write_text(json.dumps({"questions": questions}))
+    return path
+
+
+def eval_args(checkpoint_dir, data: Path, out: Path) -> list[str]:
+    return [
+        "eval", "--task", "vqav2-val", "--data", str(data), "--model", str(checkpoint_dir), "--out", str(out),
+        "--style", "base", "--device", "cpu", "--batch-size", "2", "--quiet",
+    ]  # fmt: skip
+
+
+def cli(args: list[str], launcher: list[str] | None = None) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, *(launcher or []), "-m", "qwen_vl.cli", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_give_the_results_of_one(checkpoint_dir, tmp_path):
+    data = vqav2_fixture(tmp_path / "vqav2")
+    cli(eval_args(checkpoint_dir, data, tmp_path / "one"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                "--master-port", str(port)]  # fmt: skip
+    cli(eval_args(checkpoint_dir, data, tmp_path / "two"), launcher)
+    one = read_rows(tmp_path / "one" / "vqav2-val" / "predictions.jsonl")
+    two = read_rows(tmp_path / "two" / "vqav2-val" / "predictions.jsonl")
+    assert len(one) == 5
+    assert [(r["id"], r["response"]) for r in one] == [(r["id"], r["response"]) for r in two]
+    metrics_one = json.loads((tmp_path / "one" / "vqav2-val" / "metrics.json").read_text())
+    metrics_two = json.loads((tmp_path / "two" / "vqav2-val" / "metrics.json").read_text())
+    assert metrics_one["metrics"] == metrics_two["metrics"] and metrics_one["items"] == 5
+    assert sorted(p.name for p in (tmp_path / "two" / "vqav2-val").glob("predictions.rank*.jsonl")) == [
+        "predictions.rank0.jsonl",
+        "predictions.rank1.jsonl",
+    ]
+    assert "| vqav2-val | vqa_accuracy |" in (tmp_path / "two" / "summary.md").read_text()
