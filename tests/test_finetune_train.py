@@ -4,7 +4,9 @@ a killed run resumes exactly, and two gloo processes equal one."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +23,7 @@ import qwen_vl
 from qwen_vl.cli import main
 from qwen_vl.finetune import trainer as trainer_module
 from qwen_vl.finetune.loss_log import read_loss_csv
+from qwen_vl.finetune.model_setup import prepare_model
 from qwen_vl.finetune.settings import FinetuneSettings
 from qwen_vl.finetune.trainer import TrainingOutOfMemory, train
 
@@ -133,10 +136,41 @@ def test_settings_name_the_bad_option(checkpoint_dir, tmp_path):
     assert settings(checkpoint_dir, tmp_path / "d.json", tmp_path, q_lora=True).mode() == "q-lora"
 
 
-def test_float16_is_refused_before_training(checkpoint_dir, tmp_path):
+@pytest.mark.slow
+def test_float16_lora_scales_the_loss_learns_and_resumes_exactly(checkpoint_dir, tmp_path):
     data = make_data(tmp_path / "data")
-    with pytest.raises(ValueError, match="--dtype float16: training in float16 needs loss scaling"):
-        train(settings(checkpoint_dir, data, tmp_path / "out", dtype="float16", max_steps=1), quiet=True)
+    kw = dict(
+        lora=True, train_embeddings=True, lora_r=8, lora_dropout=0.1, batch_size=2, max_steps=8,
+        learning_rate=5e-3, lr_scheduler="constant", dtype="float16", save_steps=4,
+    )  # fmt: skip
+    whole = tmp_path / "whole"
+    result = train(settings(checkpoint_dir, data, whole, **kw), quiet=True)
+    assert all(math.isfinite(x) for x in result.losses) and result.losses[-1] < result.losses[0] / 2
+    assert (whole / "checkpoint-4" / "scaler.pt").is_file()
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-4", resumed / "checkpoint-4")
+    rows = (whole / "loss.csv").read_text().splitlines()[:5]  # header + steps 1-4
+    (resumed / "loss.csv").write_text("\n".join(rows) + "\n")
+    again = train(settings(checkpoint_dir, data, resumed, resume=True, **kw), quiet=True)
+    assert again.resumed_from == resumed / "checkpoint-4"
+    assert [r.loss for r in read_loss_csv(resumed / "loss.csv")] == [r.loss for r in read_loss_csv(whole / "loss.csv")]
+
+
+def test_half_precision_trains_float32_weights_under_autocast(checkpoint_dir, tmp_path):
+    full = prepare_model(settings(checkpoint_dir, tmp_path / "d.json", tmp_path, dtype="bfloat16"), torch.device("cpu"))
+    assert full.autocast == torch.bfloat16
+    assert {p.dtype for p in full.core.parameters()} == {torch.float32}  # float32 master weights
+    lora = prepare_model(
+        settings(checkpoint_dir, tmp_path / "d.json", tmp_path, dtype="float16", lora=True), torch.device("cpu")
+    )
+    assert lora.autocast == torch.float16
+    assert {p.dtype for p in lora.core.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in lora.core.parameters() if not p.requires_grad} == {torch.float16}
+    with pytest.raises(ValueError, match="--dtype float16 .* works without --fsdp / --deepspeed"):
+        prepare_model(
+            settings(checkpoint_dir, tmp_path / "d.json", tmp_path, dtype="float16", fsdp=True), torch.device("cpu")
+        )
 
 
 def test_q_lora_on_cpu_is_one_clear_line(checkpoint_dir, tmp_path, capsys):

@@ -22,8 +22,9 @@ class TrainingModel:
 
     wrapped: nn.Module
     core: QWenLMHeadModel
-    dtype: torch.dtype
+    dtype: torch.dtype  # compute dtype
     summary: TrainableSummary
+    autocast: torch.dtype | None = None  # mixed precision: run the forward under autocast to this dtype
 
     @property
     def is_peft(self) -> bool:
@@ -55,30 +56,35 @@ def training_dtype(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    dtype = getattr(torch, name)
-    if dtype == torch.float16:
-        raise ValueError(
-            "--dtype float16: training in float16 needs loss scaling, which this trainer does not do; "
-            "use bfloat16 (GPUs since Ampere) or float32"
-        )
-    return dtype
+    return getattr(torch, name)
 
 
 def prepare_model(settings: FinetuneSettings, device: torch.device) -> TrainingModel:
     """The model of ``settings.model`` on ``device`` with its trainable weights chosen."""
     full = not settings.lora
     dtype = training_dtype(settings.dtype, device)
+    sharded = settings.fsdp or settings.deepspeed is not None
+    if dtype == torch.float16 and sharded:
+        raise ValueError("--dtype float16 (loss scaling) works without --fsdp / --deepspeed; use bfloat16 there")
+    # Without sharding, bfloat16 / float16 runs are mixed precision: the weights that train are float32
+    # (full fine-tuning loads every weight in float32), the forward runs under autocast.
+    mixed = not sharded and not settings.q_lora and dtype != torch.float32
     if settings.q_lora:
         core = load_qlora_base(settings.model, compute_dtype=dtype, device=device)
     else:
-        storage = torch.float32 if settings.fsdp else dtype  # FSDP casts to ``dtype`` per unit
+        storage = torch.float32 if settings.fsdp or (mixed and full) else dtype  # FSDP casts per unit
         core = QWenLMHeadModel.from_pretrained(settings.model, dtype=storage, device=device)
     if settings.gradient_checkpointing:
         enable_gradient_checkpointing(core)
+    autocast = dtype if mixed else None
     if full:
         summary = set_trainable(core, fix_vit=settings.fix_vit)
-        return TrainingModel(core, core, dtype, summary)
+        return TrainingModel(core, core, dtype, summary, autocast)
     wrapped = apply_lora(
         core, settings.lora_settings(), train_embeddings=settings.train_embeddings, fix_vit=settings.fix_vit
     )
-    return TrainingModel(wrapped, wrapped.get_base_model(), dtype, trainable_summary(wrapped))
+    if mixed:
+        for param in wrapped.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()  # adapters and fully trained copies keep float32 weights
+    return TrainingModel(wrapped, wrapped.get_base_model(), dtype, trainable_summary(wrapped), autocast)

@@ -17,6 +17,7 @@ The loss math is the same in all four.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -54,6 +55,8 @@ from .settings import FinetuneSettings
 from .supervised import IGNORE_INDEX
 from .validation import validate_data
 
+SCALER_FILE = "scaler.pt"  # float16 loss-scaler state, in checkpoints
+
 
 class TrainingOutOfMemory(RuntimeError):
     """Training ran out of memory; the message names the options that lower it."""
@@ -89,6 +92,7 @@ class _Run:
         self.out = Path(settings.output_dir)
         self.proc: ProcessInfo = init_processes(settings.device)
         self.engine = None  # the DeepSpeed engine under --deepspeed
+        self.scaler: torch.amp.GradScaler | None = None  # float16 loss scaling
 
     # ----- setup -------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -111,6 +115,8 @@ class _Run:
         torch.manual_seed(s.seed)
         tm = prepare_model(s, proc.device)
         self.tm = tm
+        if tm.dtype == torch.float16:
+            self.scaler = torch.amp.GradScaler(proc.device.type)
         image_size = int(tm.core.config.visual["image_size"])
         dataset = SupervisedDataset(examples, image_size)
         sampler = ResumableBatchSampler(
@@ -201,6 +207,8 @@ class _Run:
             return state
         weights, state = load_training_checkpoint(path, optimizer=optimizer, scheduler=scheduler)
         self.tm.load_trainable(weights, source=path)
+        if self.scaler is not None and (path / SCALER_FILE).is_file():
+            self.scaler.load_state_dict(torch.load(path / SCALER_FILE, weights_only=True))
         return state
 
     @contextmanager
@@ -233,7 +241,7 @@ class _Run:
                     break
                 loss, tokens = self._step(model, window, params)
                 if self.engine is None:  # the DeepSpeed engine steps in _step
-                    optimizer.step()
+                    self._optimizer_step(optimizer, params)
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 state.global_step += 1
@@ -281,26 +289,39 @@ class _Run:
                 sync = nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
                 with sync:
                     micro = self._micro_loss(model, batch)
-                    (micro * proc.world_size / denominator).backward()
+                    scaled = micro * proc.world_size / denominator
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += micro.detach().double()
         all_reduce_sum(loss_sum)
-        if self.s.max_grad_norm > 0 and self.engine is None:
-            torch.nn.utils.clip_grad_norm_(params, self.s.max_grad_norm)
         return float(loss_sum / denominator), int(tokens)
+
+    def _optimizer_step(self, optimizer, params: list[torch.nn.Parameter]) -> None:
+        """Clip (after unscaling float16 gradients) and step; a scaled step with inf/NaN gradients is skipped."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        if self.s.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.s.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
 
     def _micro_loss(self, model, batch: dict) -> torch.Tensor:
         """Sum of the token losses of one micro-batch (float32 scalar)."""
         device, dtype = self.proc.device, self.tm.dtype
         images = [im.to(device, dtype) for im in batch["images"]] if batch["images"] else None
-        out = model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            images=images,
-            labels=batch["labels"].to(device),
-            loss_reduction="sum",
-            compute_logits=False,  # lm_head runs on the trained positions only
-        )
-        return out.loss
+        mixed = self.tm.autocast
+        with torch.autocast(device.type, dtype=mixed) if mixed is not None else nullcontext():
+            out = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                images=images,
+                labels=batch["labels"].to(device),
+                loss_reduction="sum",
+                compute_logits=False,  # lm_head runs on the trained positions only
+            )
+        return out.loss.float()
 
     def _save(self, optimizer, scheduler, state: TrainState, log: LossLog | None) -> None:
         rng = gather_rng_states()
@@ -316,6 +337,11 @@ class _Run:
             optimizer = sharding.Snapshot(sharding.FullOptimizerState(self.tm.core, optimizer).state_dict())
         else:
             weights = self.tm.trainable_state() if self.proc.is_main else {}
+        files: dict[str, bytes | str | Path] = dict(extra)
+        if self.scaler is not None:
+            buffer = io.BytesIO()
+            torch.save(self.scaler.state_dict(), buffer)
+            files[SCALER_FILE] = buffer.getvalue()
         if self.proc.is_main:
             save_training_checkpoint(
                 self.out,
@@ -326,7 +352,7 @@ class _Run:
                 train_state=state,
                 keep_last=self.s.save_total_limit,
                 rng_states=rng,
-                extra_files=extra,
+                extra_files=files,
                 is_main_process=True,
             )
             for staging in extra.values():
