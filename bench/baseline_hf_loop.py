@@ -54,8 +54,10 @@ def _embed(model, ids: torch.Tensor, images: Sequence[Any] | None) -> torch.Tens
     if images is None or len(images) != len(spans):
         raise ValueError(f"{len(spans)} image spans need as many images")
     size = int(cfg.visual["image_size"])
-    pixels = torch.stack([image_transform(img, size) for img in images])
-    features = model.transformer.visual(pixels).to(h.dtype)  # (N, 256, C)
+    visual = model.transformer.visual
+    weight = next(visual.parameters())
+    pixels = torch.stack([image_transform(img, size) for img in images]).to(weight.device, weight.dtype)
+    features = visual(pixels).to(h.dtype)  # (N, 256, C)
     for feature, span in zip(features, spans):
         h[span.row, span.start + 1 : span.end] = feature
     return h
@@ -83,8 +85,8 @@ def _forward(
     H, D = cfg.num_attention_heads, cfg.head_dim
     cos, sin = rotary_cos_sin(positions, [alpha] * B, cfg.rotary_emb_base, cfg.rotary_dim)
     S = key_mask.shape[1]
-    query_at = torch.arange(S - T, S)[:, None]  # (T, 1) slots of the new tokens
-    causal = torch.arange(S)[None, :] <= query_at  # (T, S)
+    query_at = torch.arange(S - T, S, device=h.device)[:, None]  # (T, 1) slots of the new tokens
+    causal = torch.arange(S, device=h.device)[None, :] <= query_at  # (T, S)
     allowed = (causal[None] & key_mask[:, None, :])[:, None]  # (B, 1, T, S)
     for i, block in enumerate(model.transformer.h):
         attn = block.attn
@@ -123,11 +125,13 @@ def baseline_generate(
     B, T = len(prompts), max(len(p) for p in prompts)
     if T + max_new_tokens > model.config.seq_length:
         raise ValueError(f"{T} + {max_new_tokens} tokens exceed seq_length {model.config.seq_length}")
+    device = model.lm_head.weight.device
     ids = torch.full((B, T), PAD_ID, dtype=torch.long)
     key_mask = torch.zeros(B, T, dtype=torch.bool)
     for row, prompt in enumerate(prompts):
         ids[row, T - len(prompt) :] = torch.tensor(list(prompt))
         key_mask[row, T - len(prompt) :] = True
+    ids, key_mask = ids.to(device), key_mask.to(device)
     positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
     alpha = ntk_alpha_for_length(T, model.config.seq_length)
     past: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(model.transformer.h)
@@ -138,8 +142,8 @@ def baseline_generate(
     first_token_s = time.perf_counter() - start
     next_position = positions[:, -1] + 1
     for _ in range(max_new_tokens - 1):
-        last = torch.tensor([[row[-1]] for row in tokens])
-        key_mask = torch.cat([key_mask, torch.ones(B, 1, dtype=torch.bool)], dim=1)
+        last = torch.tensor([[row[-1]] for row in tokens], device=device)
+        key_mask = torch.cat([key_mask, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
         h = _forward(model, model.transformer.wte(last), next_position[:, None], key_mask, past, alpha)
         logits = model.lm_head(h)
         for row, token in zip(tokens, _pick_tokens(logits[:, -1])):

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import QWenConfig
 from .engine.image_cache import ImageFeatureCache
@@ -24,6 +23,7 @@ from .model.image_spans import ImageSpan, span_reference
 from .model.llm import RMSNorm
 from .model.loading import load_weights
 from .model.network import QWenModel
+from .model.outputs import QWenCausalLMOutput
 from .model.vision import VisionTransformer
 
 DTYPE_NAMES = {
@@ -235,7 +235,7 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         loss_reduction: str = "mean",
         compute_logits: bool = True,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
+    ) -> QWenCausalLMOutput:
         """Logits (B, T, vocab) for ``input_ids`` (B, T).
 
         ``images`` (PIL images, paths, bytes, or pixel tensors (3, S, S)) fill the
@@ -282,7 +282,7 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h) if compute_logits else None
-        return CausalLMOutputWithPast(
+        return QWenCausalLMOutput(
             loss=loss,
             logits=logits,
             cache=kv_cache,

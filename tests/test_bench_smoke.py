@@ -42,3 +42,17 @@ def test_baseline_matches_engine_on_padded_batch():
     ours = bench.engine_batch(model, prompts, 3, max_seq_len=16)
     base = bench.baseline_batch(model, prompts, 3)
     assert ours["tokens"] == base["tokens"]
+
+
+def test_gpu_benchmark_quick_runs_on_any_device(tmp_path):
+    spec = importlib.util.spec_from_file_location("engine_gpu", BENCH.parent / "engine_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "gpu.json"
+    result = module.main(["--quick", "--json", str(out)])
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    assert saved == json.loads(json.dumps(result))
+    assert saved["correctness"]["ok"] and saved["correctness"]["eager_max_logit_gap"] <= 1e-3
+    assert {(r["mode"], r["batch"]) for r in saved["throughput"]["rows"]} >= {("eager", 1), ("eager", 2)}
+    assert saved["long_decode"][0]["new_tokens"] == 8
+    assert saved["summary"]["eager_b1_vs_baseline"] > 0

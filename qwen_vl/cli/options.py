@@ -102,7 +102,7 @@ def add_model_flags(parser: argparse.ArgumentParser, required: bool = True) -> N
         "--decode-mode",
         choices=DECODE_MODES,
         default="auto",
-        help="decode step: compiled (torch.compile, CUDA graphs on GPU), eager, or auto (compiled on GPU only)",
+        help="decode step: eager, compiled (torch.compile, CUDA graphs on GPU; opt-in), or auto (eager for now)",
     )
     group.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
