@@ -404,6 +404,20 @@ class QWenTokenizer(PreTrainedTokenizer):
     def _tokenize(self, text: str, **kwargs: Any) -> list[Token]:
         return self.tokenize(text, **kwargs)
 
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
+        """Qwen adds no special tokens around a sequence (earlier transformers 5 releases
+        default to [CLS] ... [SEP], which this tokenizer does not have)."""
+        return token_ids_0 + (token_ids_1 or [])
+
+    def get_special_tokens_mask(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None, already_has_special_tokens: bool = False
+    ) -> list[int]:
+        """1 for special ids already in the sequence, 0 elsewhere (none are added)."""
+        ids = token_ids_0 + (token_ids_1 or [])
+        return [1 if i >= self.eod_id else 0 for i in ids]
+
     # ----- decoding ----------------------------------------------------------
     def convert_tokens_to_string(self, tokens: Iterable[Token]) -> str:
         """Join tokens; runs of ``bytes`` are UTF-8 decoded with ``self.errors``."""
