@@ -181,7 +181,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=128, help="text tokens per prompt")
     p.add_argument("--image", action="store_true", help="put one (random) image before each prompt")
-    p.add_argument("--decode-mode", choices=DECODE_MODES, default="auto", help="decode step (auto: eager; compile is opt-in)")
+    p.add_argument(
+        "--decode-mode", choices=DECODE_MODES, default="auto", help="decode step (auto: eager; compile is opt-in)"
+    )
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(run=run)
