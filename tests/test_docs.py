@@ -12,7 +12,7 @@ from conftest import REPO_ROOT
 
 DOCS = [
     REPO_ROOT / "README.md",
-    *(REPO_ROOT / "docs" / name for name in ("model.md", "engine.md", "finetune.md", "eval.md")),
+    *(REPO_ROOT / "docs" / name for name in ("model.md", "engine.md", "finetune.md", "eval.md", "synthetic.md")),
 ]
 EXAMPLES = [
     (doc, i, block)

@@ -3,11 +3,13 @@ the model's own greedy generation, a killed run resumes, likelihood scoring, out
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from qwen_vl.eval import registry
 from qwen_vl.eval.likelihood import option_losses
 from qwen_vl.eval.runner import EvalSettings, evaluate
 from qwen_vl.eval.tasks.base import EvalItem, ReadResult, Task
+from qwen_vl.images import ImagePolicy
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What colour is it?", "How many shapes?", "Where is the circle?", "Is it big?", "What is this?"]
@@ -83,9 +86,20 @@ def run(data: Path, out: Path, model, tokenizer, **kw):
     return evaluate(settings, model, tokenizer, quiet=True)
 
 
+@contextlib.contextmanager
+def images_of(model, item: EvalItem) -> Iterator[None]:
+    """Let ``model`` open the item's images (the runner does this for its own calls only)."""
+    previous, model.image_policy = model.image_policy, ImagePolicy(allowed_roots=(Path(item.images[0]).parent,))
+    try:
+        yield
+    finally:
+        model.image_policy = previous
+
+
 def direct_answer(model, tokenizer, task: FakeVQA, item: EvalItem, style: str) -> str:
     ids = tokenizer.encode(task.prompt(item, style))
-    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=task.max_new_tokens)
+    with images_of(model, item):
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=task.max_new_tokens)
     return tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True)
 
 
@@ -152,10 +166,10 @@ def test_likelihood_task_picks_the_lowest_average_loss(fp32_model, tokenizer, da
     task, item = FakeChoice(), FakeChoice().read(data).items[0]
     context = tokenizer.encode(task.prompt(item, "base"))
     options = [tokenizer.encode(t) for t in task.option_texts(item, "base")]
-    losses = option_losses(fp32_model, context, options)
-    for option, loss in zip(options, losses):  # against full logits of each row alone
-        ids = torch.tensor([context + option])
-        logits = fp32_model(ids).logits[0, len(context) - 1 : -1]
+    with images_of(fp32_model, item):
+        losses = option_losses(fp32_model, context, options)
+        full = [fp32_model(torch.tensor([context + option])).logits[0, len(context) - 1 : -1] for option in options]
+    for option, loss, logits in zip(options, losses, full):  # against full logits of each row alone
         assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.tensor(option)).item(), rel=1e-4)
     row = read_rows(result.predictions)[0]
     assert row["option_losses"] == pytest.approx(losses, rel=1e-5)
@@ -229,3 +243,9 @@ def test_two_torchrun_processes_give_the_results_of_one(checkpoint_dir, tmp_path
         "predictions.rank1.jsonl",
     ]
     assert "| vqav2-val | vqa_accuracy |" in (tmp_path / "two" / "summary.md").read_text()
+
+
+def test_the_callers_image_policy_is_restored(fp32_model, tokenizer, data, tmp_path):
+    before = fp32_model.image_policy
+    run(data, tmp_path / "out", fp32_model, tokenizer, style="base", limit=1)
+    assert fp32_model.image_policy is before

@@ -1,7 +1,7 @@
-"""The ``qwen-vl`` command: ``generate``, ``chat``, ``bench``, ``finetune``, ``merge`` and ``eval``.
+"""The ``qwen-vl`` command: ``generate``, ``chat``, ``bench``, ``finetune``, ``merge``, ``eval``, ``synth`` and ``init``.
 
 Each subcommand is a thin argparse shell over typed functions (``generate.generate``,
-``generate.answer_once``, ``chat.ChatLoop``, ``bench.run_bench``) that tests call directly.
+``generate.answer_once``, ``chat.ChatLoop``, ``bench.run_bench``, ``synth.synth``) that tests call directly.
 Bad input ends with one ``qwen-vl: error: ...`` line on stderr and exit code 2.
 """
 
@@ -11,20 +11,24 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import bench, chat, eval, finetune, generate, merge
+from . import bench, chat, eval, finetune, generate, init, merge, synth
 from .errors import CliError
 from .session import GenerationFailed
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-vl", description="Qwen-VL vision-language models")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,bench,finetune,merge,eval}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{generate,chat,bench,finetune,merge,eval,synth,init}"
+    )
     generate.add_parser(sub)
     chat.add_parser(sub)
     bench.add_parser(sub)
     finetune.add_parser(sub)
     merge.add_parser(sub)
     eval.add_parser(sub)
+    synth.add_parser(sub)
+    init.add_parser(sub)
     return parser
 
 

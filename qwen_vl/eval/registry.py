@@ -7,7 +7,7 @@ import importlib
 from .tasks.base import Task
 
 #: Modules of ``qwen_vl.eval.tasks`` that define tasks.
-TASK_MODULES = ("caption", "general_vqa", "text_vqa", "grounding", "multiple_choice", "mme")
+TASK_MODULES = ("caption", "general_vqa", "text_vqa", "grounding", "multiple_choice", "mme", "synthetic")
 
 
 def all_tasks() -> dict[str, type[Task]]:

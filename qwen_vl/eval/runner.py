@@ -114,6 +114,7 @@ def evaluate(
     mine = [item for item in items[proc.rank :: proc.world_size] if item.id not in done]
     progress = EvalProgress(len(mine), stream, quiet or not proc.is_main)
     writer = PredictionWriter(out_dir, proc.rank)
+    caller_policy = model.image_policy  # the caller's model gets its own policy back
     try:
         model.image_policy = _policy_for(items, settings.image_root)
         if task.likelihood:
@@ -121,6 +122,7 @@ def evaluate(
         else:
             _generate(task, model, tokenizer, mine, style, settings, writer, progress)
     finally:
+        model.image_policy = caller_policy
         writer.close()
         progress.close()
     barrier()

@@ -117,7 +117,7 @@ def write_model_directory(
             shutil.copy2(path, tmp / path.name)
 
     atomic_directory(out_dir, write, overwrite=overwrite)
-    return written, others
+    return [out_dir / p.name for p in written], others
 
 
 def merge_adapter(

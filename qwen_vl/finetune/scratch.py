@@ -1,0 +1,51 @@
+"""A checkpoint with fresh random weights, for training a model from scratch.
+
+The weights come from the model's own initialisation (``initializer_range``),
+drawn from a seed, so the same config and seed give the same checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import QWenConfig
+from ..modeling import QWenLMHeadModel
+from .merge import DEFAULT_MAX_SHARD_SIZE, parse_size, write_model_directory
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def init_checkpoint(
+    like: str | Path,
+    out_dir: str | Path,
+    *,
+    config: str | Path | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write a randomly initialised model to ``out_dir`` in the official layout.
+
+    ``like`` is a directory with the tokenizer and generation files to copy (and
+    ``config.json``, unless ``config`` names another one). Returns the weight files.
+    """
+    like = Path(like)
+    config_path = Path(config) if config is not None else like / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"config file not found: {config_path}")
+    if not (like / "qwen.tiktoken").is_file():
+        raise FileNotFoundError(f"{like}: no qwen.tiktoken (the tokenizer files are copied from this directory)")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    cfg = QWenConfig.from_json_file(str(config_path))
+    cfg.validate_sizes()
+    torch.manual_seed(seed)
+    model = QWenLMHeadModel(cfg).to(DTYPES[dtype])
+    model.config.dtype = DTYPES[dtype]
+    written, _ = write_model_directory(
+        model, like, Path(out_dir), max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite
+    )
+    return written
