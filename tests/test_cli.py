@@ -234,3 +234,22 @@ def test_command_bad_input_is_one_line(commands):
     assert out == ""
     [line] = err.strip().splitlines()
     assert line.startswith("qwen-vl: error: ") and line.endswith("missing: not a checkpoint directory (no such folder)")
+
+
+def test_model_demo_names_the_bundled_folder(tmp_path, monkeypatch, capsys):
+    from qwen_vl import bundled
+    from qwen_vl.cli.errors import CliError
+    from qwen_vl.cli.loading import check_model_dir
+
+    monkeypatch.chdir(tmp_path)  # no local folder called "demo"
+    empty = tmp_path / "bundled"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    monkeypatch.setitem(bundled.BUNDLED, "demo", empty)
+    with pytest.raises(CliError, match="bundled 'demo' model has no weights"):
+        check_model_dir("demo")
+    (empty / "model.safetensors").write_bytes(b"")
+    assert check_model_dir("demo") == empty
+    (tmp_path / "demo").mkdir()  # a local folder of that name wins
+    with pytest.raises(CliError, match="no config.json"):
+        check_model_dir("demo")

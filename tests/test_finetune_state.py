@@ -641,3 +641,14 @@ def test_cpu_oom_is_recognised_through_wrappers() -> None:
     assert "--batch-size is already 1" in message and "--deepspeed" not in message.split("Options")[1]
     assert "(already on)" in message.split("--gradient-checkpointing:")[1].splitlines()[0]
     assert "--model-max-length not set" in message and "precision bf16" in message
+
+
+def test_time_left_counts_from_the_first_step_of_this_run(monkeypatch):
+    from qwen_vl.finetune import progress as progress_module
+
+    clock = iter([0.0, 100.0, 0.0, 100.0])  # start, line; start, line
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
+    fresh = progress_module.TrainingProgress(110, quiet=True)  # logged every 10 steps
+    assert "1m40s elapsed, 16m40s left" in fresh.line(10, 1.0, 1e-3, 5.0)
+    resumed = progress_module.TrainingProgress(110, quiet=True, start_step=60)
+    assert "1m40s elapsed, 6m40s left" in resumed.line(70, 1.0, 1e-3, 5.0)

@@ -63,3 +63,12 @@ def test_cli_writes_and_refuses_to_overwrite(checkpoint_dir, tmp_path, capsys):
     assert main(["init", "--like", str(checkpoint_dir), "--out", str(out)]) == 2
     assert "qwen-vl: error:" in capsys.readouterr().err
     assert (out / "model.safetensors").is_file()
+
+
+def test_a_directory_without_weights_is_enough(checkpoint_dir, tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    for name in ("config.json", "generation_config.json", "qwen.tiktoken", "tokenizer_config.json"):
+        (base / name).write_bytes((checkpoint_dir / name).read_bytes())
+    (weights,) = init_checkpoint(base, tmp_path / "out")
+    assert weights.name == "model.safetensors" and (tmp_path / "out" / "qwen.tiktoken").is_file()

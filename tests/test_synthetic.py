@@ -310,3 +310,16 @@ def test_cli_writes_the_chosen_kinds_and_languages(tmp_path, capsys):
     assert main(["synth", "--out", str(out), "--n", "2", "--kinds", "poetry"]) == 2
     assert "--kinds: unknown poetry" in capsys.readouterr().err
     assert main(["synth", "--out", str(out), "--n", "0", "--quiet"]) == 2
+
+
+def test_multiturn_records_ask_the_chosen_number_of_questions(tmp_path):
+    from qwen_vl.data.synthetic import generate
+
+    manifest = generate(tmp_path, 12, seed=3, kinds=["multiturn"], langs=["en"], turns=(4, 6))
+    assert manifest["multiturn_turns"] == [4, 6]
+    records = json.loads((tmp_path / "data.json").read_text(encoding="utf-8"))
+    asked = [sum(t["from"] == "user" for t in r["conversations"]) for r in records]
+    assert min(asked) >= 4 and max(asked) <= 6 and len(set(asked)) > 1
+    with pytest.raises(ValueError, match="turns must satisfy"):
+        generate(tmp_path / "bad", 1, kinds=["multiturn"], turns=(3, 2))
+    assert main(["synth", "--out", str(tmp_path / "x"), "--n", "1", "--turns", "two", "--quiet"]) == 2

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..bundled import bundled_model_dir, has_weights
 from .errors import CliError
 from .options import ModelOptions
 from .progress import status
@@ -25,7 +26,15 @@ def check_device(device: str) -> torch.device:
 
 
 def check_model_dir(model_dir: str | Path) -> Path:
-    """The checkpoint folder, or CliError naming what is missing."""
+    """The checkpoint folder (``demo``: the bundled demo model), or CliError naming what is missing."""
+    bundled = bundled_model_dir(model_dir)
+    if bundled is not None:
+        if not has_weights(bundled):
+            raise CliError(
+                f"the bundled {model_dir!r} model has no weights in this installation ({bundled}); "
+                "make them with recipes/demo_model/train.sh or pass --model DIR"
+            )
+        return bundled
     path = Path(model_dir).expanduser()
     if not path.is_dir():
         raise CliError(f"{model_dir}: not a checkpoint directory (no such folder)")

@@ -90,7 +90,9 @@ class ImageOptions:
 # ----- argparse ---------------------------------------------------------------
 def add_model_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", required=required, metavar="DIR", help="local checkpoint directory")
+    group.add_argument(
+        "--model", required=required, metavar="DIR", help="local checkpoint directory, or demo (the bundled model)"
+    )
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     group.add_argument(
         "--dtype", choices=DTYPES, default=None, help="default float32 on CPU, the checkpoint's dtype on GPU"

@@ -30,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=",".join(KINDS),
         help=f"comma-separated kinds of question (default: all of {', '.join(KINDS)})",
     )
+    p.add_argument("--turns", default="2-3", metavar="MIN-MAX", help="questions per multiturn record (default 2-3)")
     p.add_argument(
         "--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes drawing pictures (same output)"
     )
@@ -52,6 +53,7 @@ def synth(
     *,
     langs: Sequence[str] = LANGS,
     kinds: Sequence[str] = KINDS,
+    turns: tuple[int, int] = (2, 3),
     workers: int = 1,
     quiet: bool = False,
 ) -> dict[str, Any]:
@@ -66,7 +68,12 @@ def synth(
     def progress(done: int) -> None:
         print(f"\rqwen-vl: synth {done}/{n} records", end="", file=sys.stderr, flush=True)
 
-    manifest = generate(out, n, seed, kinds=kinds, langs=langs, workers=workers, progress=None if quiet else progress)
+    try:
+        manifest = generate(
+            out, n, seed, kinds=kinds, langs=langs, turns=turns, workers=workers, progress=None if quiet else progress
+        )
+    except ValueError as e:
+        raise CliError(str(e)) from e
     if not quiet:
         print(file=sys.stderr)
     return manifest
@@ -75,6 +82,13 @@ def synth(
 def run_synth(args: argparse.Namespace) -> int:
     langs = _names(args.langs, LANGS, "langs")
     kinds = _names(args.kinds, KINDS, "kinds")
-    manifest = synth(args.out, args.n, args.seed, langs=langs, kinds=kinds, workers=args.workers, quiet=args.quiet)
+    low, _, high = args.turns.partition("-")
+    try:
+        turns = (int(low), int(high or low))
+    except ValueError:
+        raise CliError(f"--turns: expected MIN-MAX such as 2-3, got {args.turns!r}") from None
+    manifest = synth(
+        args.out, args.n, args.seed, langs=langs, kinds=kinds, turns=turns, workers=args.workers, quiet=args.quiet
+    )
     print(f"{manifest['n']} records, {manifest['images']} images -> {Path(args.out) / 'data.json'}")
     return 0

@@ -348,9 +348,10 @@ def make_turn(kind: str, scene: Scene, lang: str, rng: random.Random) -> Turn | 
     return BUILDERS[kind](scene, lang, rng)
 
 
-def multiturn(scene: Scene, lang: str, rng: random.Random) -> list[Turn] | None:
-    """2-3 questions of different single-image kinds about one scene; None if fewer than 2 fit."""
-    wanted = rng.randint(2, 3)
+def multiturn(scene: Scene, lang: str, rng: random.Random, turns: tuple[int, int] = (2, 3)) -> list[Turn] | None:
+    """``turns[0]``-``turns[1]`` questions of different single-image kinds about one scene;
+    None if fewer than wanted fit."""
+    wanted = rng.randint(*turns)
     turns: list[Turn] = []
     for kind in rng.sample(SINGLE_IMAGE_KINDS, len(SINGLE_IMAGE_KINDS)):
         turn = make_turn(kind, scene, lang, rng)

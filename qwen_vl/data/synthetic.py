@@ -36,6 +36,7 @@ from .scenes import Scene, change_scene, render_scene, sample_scene
 
 GENERATOR = "qwen-vl shapes world"
 GENERATOR_VERSION = 1
+DEFAULT_TURNS = (2, 3)  # questions in a multiturn record
 IMAGE_DIR = "images"
 #: zlib level of the PNG files (fast; the "Up" filter keeps flat scenes small anyway).
 PNG_COMPRESS_LEVEL = 1
@@ -96,9 +97,16 @@ class Sample:
         return out
 
 
-def make_sample(seed: int, index: int, kinds: Sequence[str] = KINDS, langs: Sequence[str] = LANGS) -> Sample:
-    """Record ``index`` of a run with ``seed`` (scenes are drawn again until the kind fits)."""
-    _check(kinds, langs)
+def make_sample(
+    seed: int,
+    index: int,
+    kinds: Sequence[str] = KINDS,
+    langs: Sequence[str] = LANGS,
+    turns: tuple[int, int] = DEFAULT_TURNS,
+) -> Sample:
+    """Record ``index`` of a run with ``seed`` (scenes are drawn again until the kind fits);
+    ``turns`` bounds the number of questions of a ``multiturn`` record."""
+    _check(kinds, langs, turns)
     kind, lang = kind_and_lang(index, kinds, langs)
     rng = random.Random(record_seed(seed, index))
     record_id = f"synth-{seed}-{index:06d}"
@@ -111,12 +119,15 @@ def make_sample(seed: int, index: int, kinds: Sequence[str] = KINDS, langs: Sequ
                 turn = difference_turn(change, lang)
                 return Sample(record_id, index, kind, lang, (scene, second), (turn,), change)
             continue
-        turns = multiturn(scene, lang, rng) if kind == "multiturn" else [make_turn(kind, scene, lang, rng)]
-        if turns and all(t is not None for t in turns):
-            return Sample(record_id, index, kind, lang, (scene,), tuple(turns))  # type: ignore[arg-type]
+        asked = multiturn(scene, lang, rng, turns) if kind == "multiturn" else [make_turn(kind, scene, lang, rng)]
+        if asked and all(t is not None for t in asked):
+            return Sample(record_id, index, kind, lang, (scene,), tuple(asked))  # type: ignore[arg-type]
 
 
-def _check(kinds: Sequence[str], langs: Sequence[str]) -> None:
+def _check(kinds: Sequence[str], langs: Sequence[str], turns: tuple[int, int] = DEFAULT_TURNS) -> None:
+    low, high = turns
+    if not 1 <= low <= high <= len(SINGLE_IMAGE_KINDS):
+        raise ValueError(f"turns must satisfy 1 <= min <= max <= {len(SINGLE_IMAGE_KINDS)}, got {low}-{high}")
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         raise ValueError(f"unknown kind(s) {', '.join(unknown) or '(none given)'}; kinds: {', '.join(KINDS)}")
@@ -160,19 +171,23 @@ def save_png(image: Image.Image, path: Path) -> None:
     write_atomic(path, png_bytes(image))
 
 
-def _write_sample(out_dir: Path, seed: int, index: int, kinds: Sequence[str], langs: Sequence[str]) -> Sample:
-    sample = make_sample(seed, index, kinds, langs)
+def _write_sample(
+    out_dir: Path, seed: int, index: int, kinds: Sequence[str], langs: Sequence[str], turns: tuple[int, int]
+) -> Sample:
+    sample = make_sample(seed, index, kinds, langs, turns)
     for scene, path in zip(sample.scenes, sample.images):
         save_png(render_scene(scene), out_dir / path)
     return sample
 
 
-def _write_chunk(job: tuple[str, int, int, int, tuple[str, ...], tuple[str, ...]]) -> list[tuple[str, str, str, str]]:
+def _write_chunk(
+    job: tuple[str, int, int, int, tuple[str, ...], tuple[str, ...], tuple[int, int]],
+) -> list[tuple[str, str, str, str]]:
     """Records ``start..stop-1`` written; ``(kind, lang, record json, truth json)`` of each."""
-    out_dir, seed, start, stop, kinds, langs = job
+    out_dir, seed, start, stop, kinds, langs, turns = job
     rows = []
     for index in range(start, stop):
-        sample = _write_sample(Path(out_dir), seed, index, kinds, langs)
+        sample = _write_sample(Path(out_dir), seed, index, kinds, langs, turns)
         record = json.dumps(sample.record(), ensure_ascii=False)
         truth = json.dumps(sample.truth(), ensure_ascii=False)
         rows.append((sample.kind, sample.lang, record, truth))
@@ -180,9 +195,15 @@ def _write_chunk(job: tuple[str, int, int, int, tuple[str, ...], tuple[str, ...]
 
 
 def _chunks(
-    out_dir: Path, seed: int, n: int, kinds: tuple[str, ...], langs: tuple[str, ...], workers: int
+    out_dir: Path,
+    seed: int,
+    n: int,
+    kinds: tuple[str, ...],
+    langs: tuple[str, ...],
+    turns: tuple[int, int],
+    workers: int,
 ) -> Iterator[list[tuple[str, str, str, str]]]:
-    jobs = [(str(out_dir), seed, s, min(s + _CHUNK, n), kinds, langs) for s in range(0, n, _CHUNK)]
+    jobs = [(str(out_dir), seed, s, min(s + _CHUNK, n), kinds, langs, turns) for s in range(0, n, _CHUNK)]
     if workers <= 1 or len(jobs) == 1:
         yield from map(_write_chunk, jobs)
         return
@@ -199,6 +220,7 @@ def generate(
     *,
     kinds: Sequence[str] = KINDS,
     langs: Sequence[str] = LANGS,
+    turns: tuple[int, int] = DEFAULT_TURNS,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
@@ -210,13 +232,14 @@ def generate(
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     kinds, langs = tuple(dict.fromkeys(kinds)), tuple(dict.fromkeys(langs))
-    _check(kinds, langs)
+    turns = (int(turns[0]), int(turns[1]))
+    _check(kinds, langs, turns)
     out = Path(out_dir)
     (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     records: list[str] = []
     truths: list[str] = []
     counts: dict[str, dict[str, int]] = {k: dict.fromkeys(langs, 0) for k in kinds}
-    for rows in _chunks(out, seed, n, kinds, langs, workers):
+    for rows in _chunks(out, seed, n, kinds, langs, turns, workers):
         for kind, lang, record, truth in rows:
             counts[kind][lang] += 1
             records.append(record)
@@ -232,6 +255,7 @@ def generate(
         "n": n,
         "kinds": list(kinds),
         "langs": list(langs),
+        "multiturn_turns": list(turns),
         "images": n + sum(counts.get("difference", {}).values()),
         "counts": counts,
     }

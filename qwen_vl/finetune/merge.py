@@ -20,7 +20,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
-from ..model.loading import WEIGHT_LAYOUTS, weight_files
+from ..model.loading import WEIGHT_LAYOUTS, CheckpointError, weight_files
 from ..model.saving import save_checkpoint
 from ..modeling import QWenLMHeadModel, resolve_dtype
 from .lora import atomic_directory, load_adapter
@@ -97,7 +97,10 @@ def _retie_embeddings(model: QWenLMHeadModel) -> None:
 
 def _other_files(base_dir: Path) -> list[Path]:
     """Files of ``base_dir`` to copy: everything but weights, their index and config.json."""
-    weights = {p.resolve() for p in weight_files(base_dir)}
+    try:
+        weights = {p.resolve() for p in weight_files(base_dir)}
+    except CheckpointError:  # a directory of configs and tokenizer files only
+        weights = set()
     skip = {"config.json", *(name for name, _ in WEIGHT_LAYOUTS)}
     return sorted(p for p in base_dir.iterdir() if p.is_file() and p.name not in skip and p.resolve() not in weights)
 

@@ -17,17 +17,18 @@ def format_duration(seconds: float) -> str:
 class TrainingProgress:
     """Shows one line per update: redrawn in place on a terminal, appended otherwise."""
 
-    def __init__(self, total_steps: int, stream: TextIO | None = None, quiet: bool = False) -> None:
+    def __init__(
+        self, total_steps: int, stream: TextIO | None = None, quiet: bool = False, start_step: int = 0
+    ) -> None:
+        """``start_step``: the step training starts after (a resumed run's), for the time left."""
         self.total = total_steps
         self.out = stream if stream is not None else sys.stderr
         self.quiet = quiet
         self.live = bool(getattr(self.out, "isatty", lambda: False)())
         self.start = time.monotonic()
-        self.first_step: int | None = None
+        self.first_step = start_step
 
     def line(self, step: int, loss: float, lr: float, tokens_per_s: float) -> str:
-        if self.first_step is None:
-            self.first_step = step - 1
         done = step - self.first_step
         elapsed = time.monotonic() - self.start
         left = elapsed / done * (self.total - step) if done > 0 else 0.0

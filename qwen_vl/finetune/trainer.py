@@ -178,7 +178,9 @@ class _Run:
             ids = [proc.device.index] if proc.device.type == "cuda" else None
             model = DistributedDataParallel(tm.core, device_ids=ids)
         log = LossLog(self.out, resume_step=state.global_step) if proc.is_main else None
-        progress = TrainingProgress(total_steps, self.stream, self.quiet or not proc.is_main)
+        progress = TrainingProgress(
+            total_steps, self.stream, self.quiet or not proc.is_main, start_step=state.global_step
+        )
         result = TrainResult(self.out, s.mode(), state.global_step, total_steps, resumed_from=resumed_from)
         try:
             self._loop(model, loader, sampler, optimizer, scheduler, state, total_steps, log, progress, result)

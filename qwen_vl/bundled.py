@@ -1,0 +1,22 @@
+"""Models that ship inside the package and load offline by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: The demo model: Qwen-VL's architecture at a laptop's size, trained on the synthetic
+#: shapes world (recipes/demo_model/).
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+BUNDLED = {"demo": DEMO_MODEL_DIR}
+
+
+def bundled_model_dir(name: str | Path) -> Path | None:
+    """The bundled model called ``name``, unless a local folder of that name exists."""
+    if str(name) in BUNDLED and not Path(name).exists():
+        return BUNDLED[str(name)]
+    return None
+
+
+def has_weights(model_dir: Path) -> bool:
+    """True when ``model_dir`` holds weight files (the bundled folder may ship without them)."""
+    return any(model_dir.glob("*.safetensors")) or any(model_dir.glob("*.bin"))
