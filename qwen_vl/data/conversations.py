@@ -203,25 +203,31 @@ def _caption(scene: Scene, lang: str, rng: random.Random) -> Turn:
     return Turn("caption", QUESTIONS["caption"][lang], caption_text(pairs, lang), {"objects": [list(p) for p in pairs]})
 
 
-def _colour(scene: Scene, lang: str, rng: random.Random) -> Turn | None:
-    shapes = Counter(o.shape for o in scene.objects)
-    candidates = [i for i, o in enumerate(scene.objects) if shapes[o.shape] == 1]
+def _unique_by(scene: Scene, attribute: str, rng: random.Random) -> tuple[int, SceneObject] | None:
+    """A random object whose ``attribute`` (shape or colour) no other object shares, or None."""
+    counts = Counter(getattr(o, attribute) for o in scene.objects)
+    candidates = [i for i, o in enumerate(scene.objects) if counts[getattr(o, attribute)] == 1]
     if not candidates:
         return None
     i = rng.choice(candidates)
-    obj = scene.objects[i]
+    return i, scene.objects[i]
+
+
+def _colour(scene: Scene, lang: str, rng: random.Random) -> Turn | None:
+    picked = _unique_by(scene, "shape", rng)
+    if picked is None:
+        return None
+    i, obj = picked
     question = QUESTIONS["colour"][lang].format(shape=SHAPE_WORDS[obj.shape][lang])
     answer = sentence(COLOUR_WORDS[obj.colour][lang], lang)
     return Turn("colour", question, answer, {"object": i, "shape": obj.shape, "colour": obj.colour})
 
 
 def _shape(scene: Scene, lang: str, rng: random.Random) -> Turn | None:
-    colours = Counter(o.colour for o in scene.objects)
-    candidates = [i for i, o in enumerate(scene.objects) if colours[o.colour] == 1]
-    if not candidates:
+    picked = _unique_by(scene, "colour", rng)
+    if picked is None:
         return None
-    i = rng.choice(candidates)
-    obj = scene.objects[i]
+    i, obj = picked
     question = QUESTIONS["shape"][lang].format(colour=COLOUR_WORDS[obj.colour][lang])
     shape = SHAPE_WORDS[obj.shape][lang]
     answer = sentence(f"a {shape}", lang) if lang == "en" else sentence(shape, lang)
