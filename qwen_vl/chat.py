@@ -115,7 +115,9 @@ def chat_stream(
         model, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
     )
     enders = {tokenizer.im_start_id, tokenizer.im_end_id, *as_id_list(gc.eos_token_id)}
-    detok = IncrementalDetokenizer(lambda ids: tokenizer.decode(ids, skip_special_tokens=True, errors="replace"))
+    detok = IncrementalDetokenizer(
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=True, keep_image_special=True, errors="replace")
+    )
 
     def stream() -> Iterator[str]:
         text = ""

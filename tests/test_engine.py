@@ -181,3 +181,34 @@ def test_prefix_store_match_with_several_entries(engine):
     again = engine.generate([greedy("ctx_text_history"), greedy("text_en")])
     assert again[0].token_ids == case_by_id("ctx_text_history")["generate"]["new_ids"]
     assert again[0].reused_tokens > 0
+
+
+def test_grounding_tags_stay_in_the_text_other_special_tokens_do_not(engine, tokenizer, monkeypatch):
+    from qwen_vl.engine import engine as engine_module
+
+    answer = "<ref>the red circle</ref><box>(10,20),(300,400)</box>"
+    script = iter([*tokenizer.encode(answer), tokenizer.special_tokens["<|extra_0|>"], tokenizer.im_end_id])
+    monkeypatch.setattr(
+        engine_module, "select_next_tokens", lambda scores, *a: torch.tensor([next(script)] * scores.shape[0])
+    )
+    request = GenerationRequest(
+        prompt_ids=tokenizer.encode("Hi"), max_new_tokens=32, eos_token_ids=[tokenizer.im_end_id]
+    )
+    (handle,) = engine.generate([request])
+    assert handle.text == answer  # as the official chat() decodes: tags kept, <|extra_0|> and <|im_end|> not
+
+
+def test_chat_and_chat_stream_keep_grounding_tags(fp32_model, tokenizer, monkeypatch):
+    from qwen_vl.engine import engine as engine_module
+
+    answer = "<ref>the red circle</ref><box>(10,20),(300,400)</box>"
+
+    def scripted():
+        script = iter([*tokenizer.encode(answer), tokenizer.im_end_id, tokenizer.eod_id])  # stop word, then eos
+        return lambda scores, *a: torch.tensor([next(script)] * scores.shape[0])
+
+    monkeypatch.setattr(engine_module, "select_next_tokens", scripted())
+    response, _ = fp32_model.chat(tokenizer, "Where is the red circle?", history=None)
+    monkeypatch.setattr(engine_module, "select_next_tokens", scripted())
+    streamed = list(fp32_model.chat_stream(tokenizer, "Where is the red circle?", history=None))
+    assert response == answer and streamed[-1] == answer

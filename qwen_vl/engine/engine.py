@@ -57,7 +57,8 @@ class Engine:
 
     ``max_batch_size`` rows of ``max_seq_len`` slots are allocated once (KV memory
     = 2 x layers x rows x slots x hidden x dtype size). With a ``tokenizer`` the
-    handles also receive text (special tokens skipped) and stop strings apply.
+    handles also receive text (special tokens skipped, except the grounding tags
+    ``<ref>``, ``<box>``, ``<quad>`` that the official ``chat()`` keeps) and stop strings apply.
     The keys/values of up to ``reuse_prefixes`` finished requests are kept, so a
     conversation's next turn prefills only its new tokens. ``decode_mode``
     ("auto", "eager", "compile") chooses how decode steps run (``DecodeStep``).
@@ -279,7 +280,7 @@ class Engine:
         if self.tokenizer is not None:
             tok = self.tokenizer
             running.detok = IncrementalDetokenizer(
-                lambda ids: tok.decode(ids, skip_special_tokens=True, errors="replace")
+                lambda ids: tok.decode(ids, skip_special_tokens=True, keep_image_special=True, errors="replace")
             )
         if request.stop_strings:
             running.matcher = StopStringMatcher(request.stop_strings)
