@@ -99,19 +99,27 @@ def paired_best(
     return min((p[0] for p in pairs), key=lambda r: r[key]), min((p[1] for p in pairs), key=lambda r: r[key])
 
 
-def engine_batch(
-    model, prompts: list[list[int]], new_tokens: int, max_seq_len: int, decode_mode: str = "auto"
-) -> dict[str, Any]:
-    """Submit all prompts at once; decode speed counts only the steps after the first
-    (which prefills, picks the first token and decodes once)."""
-    engine = Engine(model, max_batch_size=len(prompts), max_seq_len=max_seq_len, decode_mode=decode_mode)
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so host clocks time it (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_on_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
+    """Submit all prompts to ``engine`` at once and run them to the end; decode speed counts
+    only the steps after the first (which prefills, picks the first token and decodes once)."""
+    sync(engine.device)
     start = time.perf_counter()
     handles = [engine.submit(request(p, new_tokens)) for p in prompts]
     engine.step()  # prefill, first token, one decode step
     after_first_step = time.perf_counter()
     done_in_first = sum(len(h.token_ids) for h in handles)
     engine.run_until_idle()
+    sync(engine.device)
     end = time.perf_counter()
+    failed = [h.error for h in handles if h.finish_reason == "error"]
+    if failed:
+        raise RuntimeError(f"benchmark request failed: {failed[0]}")
     generated = sum(len(h.token_ids) for h in handles)
     return {
         "tokens": [h.token_ids for h in handles],
@@ -119,6 +127,14 @@ def engine_batch(
         "decode_s": end - after_first_step,
         "decode_tokens": generated - done_in_first,
     }
+
+
+def engine_batch(
+    model, prompts: list[list[int]], new_tokens: int, max_seq_len: int, decode_mode: str = "auto"
+) -> dict[str, Any]:
+    """``run_on_engine`` on a new engine sized for ``prompts``."""
+    engine = Engine(model, max_batch_size=len(prompts), max_seq_len=max_seq_len, decode_mode=decode_mode)
+    return run_on_engine(engine, prompts, new_tokens)
 
 
 def baseline_batch(model, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:

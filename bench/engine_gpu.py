@@ -36,7 +36,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baseline_hf_loop import baseline_generate  # noqa: E402
-from engine_cpu import image_prompt, random_image, random_prompts, request, write_json  # noqa: E402
+from engine_cpu import (  # noqa: E402
+    image_prompt,
+    random_image,
+    random_prompts,
+    request,
+    run_on_engine,
+    sync,
+    write_json,
+)
 
 from qwen_vl.cli.presets import build_random_model  # noqa: E402
 from qwen_vl.engine.engine import Engine  # noqa: E402
@@ -44,11 +52,6 @@ from qwen_vl.engine.engine import Engine  # noqa: E402
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PROMPT_LENGTHS = (32, 12, 48, 20, 40, 8, 56, 28)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
@@ -60,26 +63,14 @@ def device_info(device: torch.device) -> dict[str, Any]:
 
 
 def timed_batch(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
-    """Submit all prompts to ``engine`` at once and run them to the end."""
-    device = engine.device
-    sync(device)
-    start = time.perf_counter()
-    handles = [engine.submit(request(p, new_tokens)) for p in prompts]
-    engine.step()  # prefill, first token, one decode step
-    first = time.perf_counter()
-    done_first = sum(len(h.token_ids) for h in handles)
-    engine.run_until_idle()
-    sync(device)
-    end = time.perf_counter()
-    failed = [h.error for h in handles if h.finish_reason == "error"]
-    if failed:
-        raise RuntimeError(f"benchmark request failed: {failed[0]}")
-    generated = sum(len(h.token_ids) for h in handles)
+    """``run_on_engine`` with its rates: all generated tokens and the decode steps' tokens per second."""
+    run = run_on_engine(engine, prompts, new_tokens)
+    generated = sum(len(t) for t in run["tokens"])
     return {
-        "tokens": [h.token_ids for h in handles],
-        "tok_s": generated / (end - start),
-        "decode_tok_s": (generated - done_first) / max(end - first, 1e-9),
-        "total_s": end - start,
+        "tokens": run["tokens"],
+        "tok_s": generated / run["total_s"],
+        "decode_tok_s": run["decode_tokens"] / max(run["decode_s"], 1e-9),
+        "total_s": run["total_s"],
     }
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .model.loading import CheckpointError, weight_files
+
 #: The demo model: Qwen-VL's architecture at a laptop's size, trained on the synthetic
 #: shapes world (recipes/demo_model/).
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
@@ -18,5 +20,10 @@ def bundled_model_dir(name: str | Path) -> Path | None:
 
 
 def has_weights(model_dir: Path) -> bool:
-    """True when ``model_dir`` holds weight files (the bundled folder may ship without them)."""
-    return any(model_dir.glob("*.safetensors")) or any(model_dir.glob("*.bin"))
+    """True when ``model_dir`` holds weights in one of the official layouts (the bundled
+    folder may ship without them)."""
+    try:
+        weight_files(model_dir)
+    except CheckpointError:
+        return False
+    return True

@@ -323,3 +323,16 @@ def test_multiturn_records_ask_the_chosen_number_of_questions(tmp_path):
     with pytest.raises(ValueError, match="turns must satisfy"):
         generate(tmp_path / "bad", 1, kinds=["multiturn"], turns=(3, 2))
     assert main(["synth", "--out", str(tmp_path / "x"), "--n", "1", "--turns", "two", "--quiet"]) == 2
+
+
+def test_written_files_get_a_new_files_usual_mode(tmp_path):
+    import os
+
+    from qwen_vl.data.synthetic import generate
+
+    generate(tmp_path, 2, seed=1)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tmp_path / "data.json", tmp_path / "truth.jsonl", next((tmp_path / "images").iterdir())):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / "images").glob(".*.tmp"))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..finetune.merge import DEFAULT_MAX_SHARD_SIZE
-from ..finetune.scratch import DTYPES, init_checkpoint
+from ..finetune.scratch import init_checkpoint
+from .options import DTYPES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, metavar="FILE", help="another config.json for the sizes")
     p.add_argument("--out", required=True, metavar="DIR", help="new checkpoint directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="auto: the config's torch_dtype")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB, 500MB")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=run_init)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import os
 import random
 import struct
 import zlib
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..model.saving import atomic_write
 from .conversations import KINDS, LANGS, SINGLE_IMAGE_KINDS, Turn, difference_turn, make_turn, multiturn
 from .scenes import Scene, change_scene, render_scene, sample_scene
 
@@ -156,14 +156,8 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` (usual permissions), then rename it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` through a temporary file renamed into place."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def save_png(image: Image.Image, path: Path) -> None:

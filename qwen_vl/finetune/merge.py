@@ -161,7 +161,7 @@ def merge_adapter(
     num_parameters = sum(p.numel() for p in {id(p): p for p in merged.parameters()}.values())
     return MergeResult(
         out_dir=out_dir,
-        weight_files=[out_dir / p.name for p in written],
+        weight_files=written,
         copied_files=[p.name for p in others],
         merged_layers=merged_layers,
         num_parameters=num_parameters,

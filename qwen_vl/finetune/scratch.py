@@ -11,10 +11,8 @@ from pathlib import Path
 import torch
 
 from ..config import QWenConfig
-from ..modeling import QWenLMHeadModel
+from ..modeling import QWenLMHeadModel, resolve_dtype
 from .merge import DEFAULT_MAX_SHARD_SIZE, parse_size, write_model_directory
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def init_checkpoint(
@@ -30,7 +28,8 @@ def init_checkpoint(
     """Write a randomly initialised model to ``out_dir`` in the official layout.
 
     ``like`` is a directory with the tokenizer and generation files to copy (and
-    ``config.json``, unless ``config`` names another one). Returns the weight files.
+    ``config.json``, unless ``config`` names another one). ``dtype``: a name such as
+    "bfloat16", or "auto" for the config's. Returns the weight files.
     """
     like = Path(like)
     config_path = Path(config) if config is not None else like / "config.json"
@@ -38,13 +37,12 @@ def init_checkpoint(
         raise FileNotFoundError(f"config file not found: {config_path}")
     if not (like / "qwen.tiktoken").is_file():
         raise FileNotFoundError(f"{like}: no qwen.tiktoken (the tokenizer files are copied from this directory)")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     cfg = QWenConfig.from_json_file(str(config_path))
     cfg.validate_sizes()
+    torch_dtype = resolve_dtype(dtype, cfg)
     torch.manual_seed(seed)
-    model = QWenLMHeadModel(cfg).to(DTYPES[dtype])
-    model.config.dtype = DTYPES[dtype]
+    model = QWenLMHeadModel(cfg).to(torch_dtype)
+    model.config.dtype = torch_dtype
     written, _ = write_model_directory(
         model, like, Path(out_dir), max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite
     )
