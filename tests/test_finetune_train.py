@@ -173,6 +173,24 @@ def test_half_precision_trains_float32_weights_under_autocast(checkpoint_dir, tm
         )
 
 
+def test_fix_resampler_freezes_the_whole_tower(checkpoint_dir, tmp_path):
+    from qwen_vl.cli import build_parser
+    from qwen_vl.cli.finetune import settings_from_args
+
+    data = make_data(tmp_path / "data")
+    argv = ["finetune", "--model", str(checkpoint_dir), "--data", str(data), "--output-dir", str(tmp_path / "o")]
+    assert settings_from_args(build_parser().parse_args(argv)).train_resampler is True
+    s = settings_from_args(build_parser().parse_args(argv + ["--fix-resampler"]))
+    assert s.train_resampler is False and s.fix_vit is True
+    tm = prepare_model(s, torch.device("cpu"))
+    assert tm.summary.by_part["vision"][0] == 0 and tm.summary.by_part["resampler"][0] == 0
+    assert tm.summary.by_part["llm"][0] > 0
+    lora = prepare_model(
+        settings(checkpoint_dir, data, tmp_path, lora=True, train_resampler=False), torch.device("cpu")
+    )
+    assert lora.summary.by_part["resampler"][0] == 0
+
+
 def test_q_lora_on_cpu_is_one_clear_line(checkpoint_dir, tmp_path, capsys):
     data = make_data(tmp_path / "data")
     args = ["finetune", "--model", str(checkpoint_dir), "--data", str(data), "--output-dir", str(tmp_path / "o")]

@@ -72,3 +72,36 @@ def test_a_directory_without_weights_is_enough(checkpoint_dir, tmp_path):
         (base / name).write_bytes((checkpoint_dir / name).read_bytes())
     (weights,) = init_checkpoint(base, tmp_path / "out")
     assert weights.name == "model.safetensors" and (tmp_path / "out" / "qwen.tiktoken").is_file()
+
+
+def test_local_resampler_maps_each_patch_to_its_own_query():
+    from qwen_vl.finetune.scratch import localise_resampler
+    from qwen_vl.model.vision import Resampler
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 256, 192)  # ViT features of a 16 x 16 patch grid
+    bumped = x.clone()
+    bumped[0, 37] += 3.0
+
+    def spread(resampler: Resampler) -> tuple[int, float]:
+        with torch.no_grad():
+            change = (resampler(bumped) - resampler(x)).norm(dim=-1)[0]  # (256,)
+        return int(change.argmax()), float(change[37] / change.sum())
+
+    resampler = Resampler(16, 128, 1, kv_dim=192)
+    resampler.init_weights()
+    top, share = spread(resampler)
+    assert share < 0.05  # random: the bump reaches every query alike
+    localise_resampler(resampler)
+    top, share = spread(resampler)
+    assert top == 37 and share > 0.3  # local: mostly its own query (neighbours share the rest)
+
+
+def test_init_resampler_choice(checkpoint_dir, tmp_path):
+    local = load_file(str(init_checkpoint(checkpoint_dir, tmp_path / "l", seed=1)[0]))
+    plain = load_file(str(init_checkpoint(checkpoint_dir, tmp_path / "r", seed=1, resampler="random")[0]))
+    assert float(local["transformer.visual.attn_pool.query"].abs().max()) == 0.0
+    assert float(plain["transformer.visual.attn_pool.query"].abs().max()) > 0.0
+    assert torch.equal(local["transformer.wte.weight"], plain["transformer.wte.weight"])
+    with pytest.raises(ValueError, match="resampler must be one of"):
+        init_checkpoint(checkpoint_dir, tmp_path / "x", resampler="grid")

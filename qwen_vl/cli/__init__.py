@@ -1,4 +1,5 @@
-"""The ``qwen-vl`` command: ``generate``, ``chat``, ``bench``, ``finetune``, ``merge``, ``eval``, ``synth`` and ``init``.
+"""The ``qwen-vl`` command: ``generate``, ``chat``, ``bench``, ``finetune``, ``merge``, ``eval``, ``synth``, ``init`` and
+``pretrain-vision``.
 
 Each subcommand is a thin argparse shell over typed functions (``generate.generate``,
 ``generate.answer_once``, ``chat.ChatLoop``, ``bench.run_bench``, ``synth.synth``) that tests call directly.
@@ -11,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import bench, chat, eval, finetune, generate, init, merge, synth
+from . import bench, chat, eval, finetune, generate, init, merge, pretrain_vision, synth
 from .errors import CliError
 from .session import GenerationFailed
 
@@ -19,7 +20,7 @@ from .session import GenerationFailed
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-vl", description="Qwen-VL vision-language models")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{generate,chat,bench,finetune,merge,eval,synth,init}"
+        dest="command", required=True, metavar="{generate,chat,bench,finetune,merge,eval,synth,init,pretrain-vision}"
     )
     generate.add_parser(sub)
     chat.add_parser(sub)
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval.add_parser(sub)
     synth.add_parser(sub)
     init.add_parser(sub)
+    pretrain_vision.add_parser(sub)
     return parser
 
 

@@ -49,6 +49,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     vit = mode.add_mutually_exclusive_group()
     vit.add_argument("--fix-vit", dest="fix_vit", action="store_true", default=True, help="freeze the ViT (default)")
     vit.add_argument("--train-vit", dest="fix_vit", action="store_false", help="train the ViT too")
+    mode.add_argument(
+        "--fix-resampler",
+        dest="train_resampler",
+        action="store_false",
+        help="freeze the resampler too (trained by default); with --fix-vit the whole vision tower is frozen",
+    )
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--learning-rate", type=float, default=1e-5)
@@ -88,7 +94,7 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
     """The ``FinetuneSettings`` of parsed command-line arguments."""
     names = (
         "model", "data", "output_dir", "image_root", "model_max_length", "truncation", "skip_bad", "lora",
-        "q_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "train_embeddings", "fix_vit",
+        "q_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "train_embeddings", "fix_vit", "train_resampler",
         "learning_rate", "weight_decay", "adam_beta2", "lr_scheduler", "warmup_ratio", "max_grad_norm", "epochs",
         "max_steps", "batch_size", "gradient_accumulation_steps", "group_by_length", "dtype", "device",
         "gradient_checkpointing", "seed", "save_steps", "save_total_limit", "resume", "logging_steps", "fsdp",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..finetune.merge import DEFAULT_MAX_SHARD_SIZE
-from ..finetune.scratch import init_checkpoint
+from ..finetune.scratch import RESAMPLER_INITS, init_checkpoint
 from .options import DTYPES
 
 
@@ -17,6 +17,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="auto: the config's torch_dtype")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB, 500MB")
+    p.add_argument(
+        "--resampler",
+        choices=RESAMPLER_INITS,
+        default="local",
+        help="local: each resampler query starts on its own patch (default); random: plain random",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=run_init)
 
@@ -30,6 +36,7 @@ def run_init(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
+        resampler=args.resampler,
     )
     print(f"wrote {len(files)} weight file(s) to {args.out}")
     return 0

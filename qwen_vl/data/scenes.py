@@ -252,14 +252,15 @@ def frame_size(shape: str, long_side: int, rng: random.Random) -> tuple[int, int
 
 
 @lru_cache(maxsize=64)
-def _font(size: int) -> ImageFont.FreeTypeFont:
+def font_for(size: int) -> ImageFont.FreeTypeFont:
+    """Pillow's built-in scalable font at ``size`` (the same on every machine)."""
     return ImageFont.load_default(size=size)  # Pillow's built-in scalable font: the same everywhere
 
 
 @lru_cache(maxsize=4096)
 def text_mask(text: str, font_size: int) -> tuple[Image.Image, IntBox]:
     """An ``L`` mask of ``text`` drawn at (0, 0) and its tight box. Cached: do not modify."""
-    font = _font(font_size)
+    font = font_for(font_size)
     _, _, right, bottom = font.getbbox(text)
     mask = Image.new("L", (right + 2, bottom + 2), 0)
     ImageDraw.Draw(mask).text((0, 0), text, fill=255, font=font)

@@ -78,10 +78,14 @@ def prepare_model(settings: FinetuneSettings, device: torch.device) -> TrainingM
         enable_gradient_checkpointing(core)
     autocast = dtype if mixed else None
     if full:
-        summary = set_trainable(core, fix_vit=settings.fix_vit)
+        summary = set_trainable(core, fix_vit=settings.fix_vit, train_resampler=settings.train_resampler)
         return TrainingModel(core, core, dtype, summary, autocast)
     wrapped = apply_lora(
-        core, settings.lora_settings(), train_embeddings=settings.train_embeddings, fix_vit=settings.fix_vit
+        core,
+        settings.lora_settings(),
+        train_embeddings=settings.train_embeddings,
+        fix_vit=settings.fix_vit,
+        train_resampler=settings.train_resampler,
     )
     if mixed:
         for param in wrapped.parameters():

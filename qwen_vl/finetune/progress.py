@@ -18,9 +18,16 @@ class TrainingProgress:
     """Shows one line per update: redrawn in place on a terminal, appended otherwise."""
 
     def __init__(
-        self, total_steps: int, stream: TextIO | None = None, quiet: bool = False, start_step: int = 0
+        self,
+        total_steps: int,
+        stream: TextIO | None = None,
+        quiet: bool = False,
+        start_step: int = 0,
+        unit: str = "tok/s",
     ) -> None:
-        """``start_step``: the step training starts after (a resumed run's), for the time left."""
+        """``start_step``: the step training starts after (a resumed run's), for the time left;
+        ``unit``: what the rate counts."""
+        self.unit = unit
         self.total = total_steps
         self.out = stream if stream is not None else sys.stderr
         self.quiet = quiet
@@ -37,7 +44,7 @@ class TrainingProgress:
         bar = "#" * filled + "." * (width - filled)
         return (
             f"[{bar}] step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
-            f"{tokens_per_s:,.0f} tok/s | {format_duration(elapsed)} elapsed, {format_duration(left)} left"
+            f"{tokens_per_s:,.0f} {self.unit} | {format_duration(elapsed)} elapsed, {format_duration(left)} left"
         )
 
     def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:

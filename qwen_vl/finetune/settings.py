@@ -39,6 +39,7 @@ class FinetuneSettings:
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     train_embeddings: bool = False  # the base model: its ChatML tokens' embeddings are untrained
     fix_vit: bool = True
+    train_resampler: bool = True  # False: the resampler stays frozen too (with fix_vit: the whole tower)
     # optimisation
     learning_rate: float = 1e-5
     weight_decay: float = 0.1

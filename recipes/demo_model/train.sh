@@ -25,13 +25,18 @@ synth multiturn "$N_MULTITURN" "$SEED_MULTITURN" --kinds multiturn --turns "$TUR
 synth single "$N_SINGLE" "$SEED_SINGLE" --kinds "$SINGLE_KINDS"
 synth heldout "$N_HELDOUT" "$SEED_HELDOUT"
 
-[ -d "$work/init" ] || qwen-vl init --like "$base" --out "$work/init" --seed "$SEED_INIT"
+[ -d "$work/init" ] || qwen-vl init --like "$base" --out "$work/init" --seed "$SEED_INIT" --resampler local
+
+[ -d "$work/vision/final" ] || qwen-vl pretrain-vision --model "$work/init" --output-dir "$work/vision" \
+    --data "$work/data/multiturn" "$work/data/single" --eval-data "$work/data/heldout" \
+    --steps "$VISION_STEPS" --batch-size "$VISION_BATCH_SIZE" --learning-rate "$VISION_LEARNING_RATE" \
+    --seed "$SEED_INIT" --save-steps 100
 
 resume=()
 if compgen -G "$work/run/checkpoint-*" >/dev/null; then resume=(--resume); fi
-qwen-vl finetune --model "$work/init" --output-dir "$work/run" \
+qwen-vl finetune --model "$work/vision/final" --output-dir "$work/run" \
     --data "$work/data/multiturn/data.json" "$work/data/single/data.json" \
-    --train-vit --dtype float32 --seed "$SEED_TRAIN" \
+    --fix-vit --fix-resampler --dtype float32 --seed "$SEED_TRAIN" \
     --batch-size "$BATCH_SIZE" --gradient-accumulation-steps 1 --epochs "$EPOCHS" \
     --learning-rate "$LEARNING_RATE" --lr-scheduler cosine --warmup-ratio "$WARMUP_RATIO" \
     --weight-decay "$WEIGHT_DECAY" --max-grad-norm 1.0 --model-max-length 1024 \

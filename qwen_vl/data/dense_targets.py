@@ -1,0 +1,74 @@
+"""Per-cell labels of a shapes-world scene, for supervising a vision tower directly.
+
+The picture is seen by the model as a ``grid x grid`` raster of cells (the resampler's
+queries: 16 x 16 for Qwen-VL). Every cell gets, at its centre:
+
+* ``colour``: 1 + index into ``COLOURS`` of the object whose box holds the centre, 0 for none;
+* ``shape``: 1 + index into ``SHAPES`` likewise;
+* ``box``: that object's box as fractions of the picture ``(x1, y1, x2, y2)``, zeros for none;
+* ``chars``: at ``samples`` points spread across the cell's middle row, the letter of a word
+  drawn there (1-26 for A-Z, 0 for none), from the font's own advance widths.
+
+Cells are taken in the stretched square the model sees (pictures are resized to a square),
+so cell (i, j) covers the fractions ``[j/grid, (j+1)/grid)`` across and ``[i/grid, (i+1)/grid)``
+down of the original picture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .scenes import COLOURS, SHAPES, Scene, font_for
+
+COLOUR_CLASSES = 1 + len(COLOURS)
+SHAPE_CLASSES = 1 + len(SHAPES)
+CHAR_CLASSES = 27  # none + A-Z
+_COLOUR_INDEX = {name: k + 1 for k, name in enumerate(COLOURS)}
+_SHAPE_INDEX = {name: k + 1 for k, name in enumerate(SHAPES)}
+
+
+@dataclass(frozen=True)
+class CellTargets:
+    """Labels of one picture: ``colour``, ``shape`` (G, G) long; ``box`` (G, G, 4) float;
+    ``chars`` (G, G, samples) long."""
+
+    colour: torch.Tensor
+    shape: torch.Tensor
+    box: torch.Tensor
+    chars: torch.Tensor
+
+
+def cell_targets(scene: Scene, grid: int = 16, samples: int = 4) -> CellTargets:
+    """The per-cell labels of ``scene`` on a ``grid x grid`` raster (see the module docs)."""
+    W, H = scene.width, scene.height
+    colour = torch.zeros(grid, grid, dtype=torch.long)
+    shape = torch.zeros(grid, grid, dtype=torch.long)
+    box = torch.zeros(grid, grid, 4)
+    chars = torch.zeros(grid, grid, samples, dtype=torch.long)
+    centres = [(k + 0.5) / grid for k in range(grid)]
+    for obj in scene.objects:
+        x1, y1, x2, y2 = obj.box
+        rows = [i for i, c in enumerate(centres) if y1 <= c * H < y2]
+        cols = [j for j, c in enumerate(centres) if x1 <= c * W < x2]
+        for i in rows:
+            for j in cols:
+                colour[i, j] = _COLOUR_INDEX[obj.colour]
+                shape[i, j] = _SHAPE_INDEX[obj.shape]
+                box[i, j] = torch.tensor([x1 / W, y1 / H, x2 / W, y2 / H])
+    for word in scene.words:
+        font = font_for(word.font_size)
+        edges = [word.origin[0] + font.getlength(word.text[:k]) for k in range(len(word.text) + 1)]
+        _, y1, _, y2 = word.box
+        for i, c in enumerate(centres):
+            if not y1 <= c * H < y2:
+                continue
+            for j in range(grid):
+                for s in range(samples):
+                    x = (j + (s + 0.5) / samples) / grid * W
+                    for k, letter in enumerate(word.text):
+                        if edges[k] <= x < edges[k + 1]:
+                            chars[i, j, s] = ord(letter) - ord("A") + 1
+                            break
+    return CellTargets(colour, shape, box, chars)
