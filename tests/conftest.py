@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """``bench/<name>.py`` imported as a module (the bench folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 GOLDEN_DIR = Path(os.environ.get("QWEN_VL_GOLDEN", REPO_ROOT.parent / "shared" / "golden")).resolve()
 CHECKPOINT_DIR = GOLDEN_DIR / "checkpoint"
 

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "engine_cpu.py"
+from conftest import load_bench_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("engine_cpu", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("engine_cpu")
 
 
 def test_quick_benchmark_writes_results(tmp_path, capsys):
@@ -45,9 +40,7 @@ def test_baseline_matches_engine_on_padded_batch():
 
 
 def test_gpu_benchmark_quick_runs_on_any_device(tmp_path):
-    spec = importlib.util.spec_from_file_location("engine_gpu", BENCH.parent / "engine_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench_script("engine_gpu")
     out = tmp_path / "gpu.json"
     result = module.main(["--quick", "--json", str(out)])
     saved = json.loads(out.read_text(encoding="utf-8"))

@@ -22,7 +22,8 @@ from qwen_vl.cli.chat import ChatLoop
 from qwen_vl.cli.generate import answer_once
 from qwen_vl.cli.image_store import ImageStore
 from qwen_vl.cli.options import GenerationOptions, ImageOptions
-from qwen_vl.cli.session import ChatSession, _readable
+from qwen_vl.cli.session import ChatSession
+from qwen_vl.engine.reply_text import readable_ids
 from qwen_vl.images import ImagePolicy, load_image
 
 QUESTION = "What is in the picture?"
@@ -194,8 +195,8 @@ def test_bench_random_tiny(capsys):
 
 def test_ids_without_text_are_left_out_of_the_reply():
     vocab = 151860  # ids above this are the model's padding rows: untrained weights may pick them
-    assert _readable([1, 151900, 2, 151901], vocab, keep_last=True) == [1, 2, 151901]  # the last is cut anyway
-    assert _readable([1, 151900, 2], vocab, keep_last=False) == [1, 2]
+    assert readable_ids([1, 151900, 2, 151901], vocab, keep_last=True) == [1, 2, 151901]  # the last is cut anyway
+    assert readable_ids([1, 151900, 2], vocab, keep_last=False) == [1, 2]
 
 
 # ----- the command itself ------------------------------------------------------

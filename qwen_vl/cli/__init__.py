@@ -1,5 +1,5 @@
-"""The ``qwen-vl`` command: ``generate``, ``chat``, ``bench``, ``finetune``, ``merge``, ``eval``, ``synth``, ``init`` and
-``pretrain-vision``.
+"""The ``qwen-vl`` command: ``generate``, ``chat``, ``bench``, ``finetune``, ``merge``, ``eval``, ``synth``, ``init``,
+``pretrain-vision`` and ``serve``.
 
 Each subcommand is a thin argparse shell over typed functions (``generate.generate``,
 ``generate.answer_once``, ``chat.ChatLoop``, ``bench.run_bench``, ``synth.synth``) that tests call directly.
@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import bench, chat, eval, finetune, generate, init, merge, pretrain_vision, synth
+from . import bench, chat, eval, finetune, generate, init, merge, pretrain_vision, serve, synth
 from .errors import CliError
 from .session import GenerationFailed
 
@@ -20,7 +20,9 @@ from .session import GenerationFailed
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-vl", description="Qwen-VL vision-language models")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{generate,chat,bench,finetune,merge,eval,synth,init,pretrain-vision}"
+        dest="command",
+        required=True,
+        metavar="{generate,chat,bench,finetune,merge,eval,synth,init,pretrain-vision,serve}",
     )
     generate.add_parser(sub)
     chat.add_parser(sub)
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_parser(sub)
     init.add_parser(sub)
     pretrain_vision.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 

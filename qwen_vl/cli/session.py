@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,11 @@ from ..context import ContextTooLongError, fit_context
 from ..engine import engine as engine_module
 from ..engine.engine import Engine
 from ..engine.generate import as_id_list
+from ..engine.reply_text import HeldBackText, TextSink, readable_ids
 from ..engine.request import GenerationRequest, RequestHandle
 from .annotate import parse_boxes
 from .image_store import ImageStore
 from .options import GenerationOptions
-
-TextSink = Callable[[str], Any]
 
 
 class GenerationFailed(RuntimeError):
@@ -60,45 +59,6 @@ class Answer:
         if self.annotated is not None:
             out["annotated"] = str(self.annotated)
         return out
-
-
-def _readable(ids: list[int], vocab: int, keep_last: bool) -> list[int]:
-    """``ids`` without the ids the tokenizer has no text for (the model's padding rows, which
-    only untrained weights pick). A chat reply drops or cuts before its last id, so that
-    one is kept as it is and the count of ids stays what the official reading expects."""
-    body, last = (ids[:-1], ids[-1:]) if keep_last else (ids, [])
-    return [i for i in body if i < vocab] + last
-
-
-class _HeldBack:
-    """Passes streamed text on one event late, so that a final token the reply drops is never shown."""
-
-    def __init__(self, sink: TextSink | None) -> None:
-        self.sink = sink
-        self.shown = ""
-        self.streamed = ""
-        self.last = ""
-
-    def feed(self, text: str) -> None:
-        self.streamed += self.last
-        self.last = text
-        self._show(self.streamed.lstrip())
-
-    def finish(self, final: str) -> None:
-        if final.startswith(self.shown):
-            self._show(final)
-        elif not self.shown.startswith(final):
-            self._emit("\n" + final)
-            self.shown = final
-
-    def _show(self, text: str) -> None:
-        if len(text) > len(self.shown) and text.startswith(self.shown):
-            self._emit(text[len(self.shown) :])
-            self.shown = text
-
-    def _emit(self, text: str) -> None:
-        if self.sink is not None and text:
-            self.sink(text)
 
 
 class _FailedSteps(logging.Handler):
@@ -209,9 +169,9 @@ class ChatSession:
             eos_token_ids=self.eos_token_ids,
             images=self.store.mapping(),
         )
-        stream = _HeldBack(on_text)
+        stream = HeldBackText(on_text)
         handle = self._run(request, stream)
-        tokens = context + _readable(handle.token_ids, len(self.tokenizer), keep_last=not raw)
+        tokens = context + readable_ids(handle.token_ids, len(self.tokenizer), keep_last=not raw)
         chat_format = "raw" if raw else "chatml"
         response = decode_tokens(tokens, self.tokenizer, len(raw_text), len(context), chat_format, errors="replace")
         stream.finish(response)
@@ -221,7 +181,7 @@ class ChatSession:
         reason = handle.finish_reason or ""
         return Answer(query, response, list(handle.token_ids), reason, len(context), boxes=parse_boxes(response))
 
-    def _run(self, request: GenerationRequest, stream: _HeldBack) -> RequestHandle:
+    def _run(self, request: GenerationRequest, stream: HeldBackText) -> RequestHandle:
         self.engine.start()
         self._failed.errors.clear()
         handle = self.engine.submit(request)
