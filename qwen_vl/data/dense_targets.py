@@ -16,7 +16,8 @@ down of the original picture.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -38,6 +39,13 @@ class CellTargets:
     shape: torch.Tensor
     box: torch.Tensor
     chars: torch.Tensor
+
+    @classmethod
+    def join(
+        cls, parts: Sequence[CellTargets], combine: Callable[[list[torch.Tensor]], torch.Tensor] = torch.stack
+    ) -> CellTargets:
+        """``parts`` joined field by field: ``torch.stack`` (a new batch dimension) or ``torch.cat``."""
+        return cls(*(combine([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
 
 def cell_targets(scene: Scene, grid: int = 16, samples: int = 4) -> CellTargets:

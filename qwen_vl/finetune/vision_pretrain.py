@@ -149,16 +149,11 @@ class PictureBatches:
             path, scene = self.pictures[i]
             pixels.append(image_transform(load_image(path, self.policy), self.image_size))
             labels.append(cell_targets(scene, self.grid, self.samples))
-        stacked = CellTargets(*(torch.stack(parts) for parts in zip(*(astuple(t) for t in labels), strict=True)))
-        return torch.stack(pixels), stacked
+        return torch.stack(pixels), CellTargets.join(labels)
 
     def batch(self, step: int, size: int) -> tuple[torch.Tensor, CellTargets]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         return self.take(torch.randint(0, len(self.pictures), (size,), generator=g).tolist())
-
-
-def astuple(t: CellTargets) -> tuple[torch.Tensor, ...]:
-    return (t.colour, t.shape, t.box, t.chars)
 
 
 def evaluate(visual: nn.Module, heads: CellHeads, batches: PictureBatches, count: int) -> dict[str, float]:
@@ -172,8 +167,7 @@ def evaluate(visual: nn.Module, heads: CellHeads, batches: PictureBatches, count
             preds.append(heads(visual(pixels)))
             truths.append(truth)
     visual.train(was_training)
-    cat = lambda parts: CellTargets(*(torch.cat(x) for x in zip(*(astuple(p) for p in parts), strict=True)))  # noqa: E731
-    return cell_scores(cat(preds), cat(truths))
+    return cell_scores(CellTargets.join(preds, torch.cat), CellTargets.join(truths, torch.cat))
 
 
 def pretrain_vision(s: VisionPretrainSettings, *, stream: TextIO | None = None, quiet: bool = False) -> Path:
