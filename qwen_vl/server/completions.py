@@ -23,7 +23,7 @@ from ..engine.reply_text import HeldBackText, readable_ids
 from ..engine.request import GenerationRequest, RequestHandle
 from .errors import APIError, invalid
 from .image_parts import load_parts
-from .messages import parse_messages, write_queries
+from .messages import parse_messages, refuse_image_tags, write_queries
 from .params import GenerationFields, generation_fields
 from .service import Disconnected, EngineService, Prompt
 
@@ -96,8 +96,7 @@ async def accept_text(service: EngineService, body: dict[str, Any]) -> Job:
         text = text[0]
     if not isinstance(text, str):
         raise invalid("prompt", "must be a string (one prompt per request)", "invalid_type")
-    if "<img>" in text:
-        raise invalid("prompt", "must not contain <img> tags; images go through /v1/chat/completions")
+    refuse_image_tags(text, "prompt", "images go through /v1/chat/completions")
     prompt = service.raw_prompt(text)
     handles = service.submit(_requests(service, prompt, fields, None))
     return Job("text", f"cmpl-{uuid.uuid4().hex}", prompt, fields, handles)

@@ -36,11 +36,17 @@ class Conversation:
     images: list[ImagePart] = field(default_factory=list)
 
 
+def refuse_image_tags(text: str, param: str, instead: str) -> None:
+    """400 when ``text`` holds ``<img>``, ``</img>`` or ``<imgpad>``: images never come from typed text."""
+    found = [tag for tag in _TAGS if tag in text]
+    if found:
+        raise invalid(param, f"must not contain {found[0]} tags; {instead}")
+
+
 def _text(value: Any, param: str) -> str:
     if not isinstance(value, str):
         raise invalid(param, f"must be a string, got {type(value).__name__}", "invalid_type")
-    if any(tag in value for tag in _TAGS):
-        raise invalid(param, "must not contain <img> tags; send images as image_url parts")
+    refuse_image_tags(value, param, "send images as image_url parts")
     return value
 
 
