@@ -11,7 +11,7 @@ server process' RSS growth over the phase (its memory must not keep growing). Th
 server is stopped before the ``chat()`` baseline runs, so the two never share the CPU.
 
     python bench/server_bench.py [--model DIR] [--requests 1000] [--concurrency 1,8,32]
-                                 [--max-tokens 8] [--image-every 4] [--baseline-requests 32] [--json PATH]
+                                 [--max-tokens 8] [--image-every 4] [--baseline-requests N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -166,7 +166,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated concurrency levels")
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--image-every", type=int, default=4, help="every k-th request carries an image (0: none)")
-    p.add_argument("--baseline-requests", type=int, default=32, help="requests run through chat() for the baseline")
+    p.add_argument(
+        "--baseline-requests",
+        type=int,
+        default=None,
+        help="requests run through chat() for the baseline (default: the same --requests)",
+    )
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
     args = p.parse_args(argv)
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         proc.wait(120)
     tokenizer = qwen_vl.QWenTokenizer.from_pretrained(args.model)
     model = qwen_vl.QWenLMHeadModel.from_pretrained(args.model, torch_dtype=torch.float32, device=args.device)
-    baseline = chat_baseline(model, tokenizer, work[: args.baseline_requests], args.max_tokens)
+    baseline = chat_baseline(model, tokenizer, work[: args.baseline_requests or args.requests], args.max_tokens)
     print(f"chat() one at a time: {baseline['requests_per_s']:.1f} req/s, p50 {baseline['p50_s'] * 1000:.0f} ms")
     for phase in phases:
         phase["speedup_vs_chat"] = phase["requests_per_s"] / baseline["requests_per_s"]

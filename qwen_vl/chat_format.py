@@ -2,11 +2,14 @@
 
 ``make_context`` encodes role names and contents with only the image/grounding tags
 allowed as special tokens, so a user typing ``<|im_start|>`` gets plain text, never a
-control token.
+control token. Its ``raw_text`` is NFC-normalised, as the tokenizer normalises what it
+encodes, so ``len(raw_text)`` is where the reply starts in the decoded ids.
 """
 
 from __future__ import annotations
 
+import functools
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +34,9 @@ def make_context(
     first turn that does not fit ends the history. A ``None`` response leaves that turn open
     (``...<|im_end|>\\n``). ``chat_format="raw"`` is the query alone.
     """
+    nfc = functools.partial(unicodedata.normalize, "NFC")
+    query, system = nfc(query), nfc(system)
+    history = [(nfc(q), None if r is None else nfc(r)) for q, r in history or []]
     if chat_format == "raw":
         return query, tokenizer.encode(query)
     if chat_format != "chatml":
@@ -50,7 +56,7 @@ def make_context(
     kept_text: list[str] = []
     kept_ids: list[list[int]] = []
     kept_len = 0
-    for past_query, past_response in reversed(list(history or [])):
+    for past_query, past_response in reversed(history):
         query_text, query_ids = turn("user", past_query)
         if past_response is None:
             chunk_ids = nl + query_ids + nl

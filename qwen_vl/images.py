@@ -38,8 +38,12 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "ICO", "TGA")
 
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_BASE64_TEXT = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}\s*$")
+_BASE64_CHARS = re.compile(r"[A-Za-z0-9+/\s]+")
 _DATA_URI = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),", re.IGNORECASE)
+
+#: Longest local path opened, in characters (Linux's PATH_MAX). Resolving a path costs a
+#: system call per component, so longer strings are refused before any.
+MAX_PATH_CHARS = 4096
 
 #: Leading bytes of common image formats, to name a refused format in errors.
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (
@@ -67,12 +71,18 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
 
 
 class ImageLoadError(ValueError):
-    """An image source could not be loaded or was refused by the ``ImagePolicy``."""
+    """An image source could not be loaded or was refused by the ``ImagePolicy``.
 
-    def __init__(self, source: str, reason: str) -> None:
+    ``reason`` says why. ``public_reason`` says it without the local paths it may name
+    (the allowed roots, a resolved path), for a caller that answers a remote client;
+    it is ``reason`` when that names none.
+    """
+
+    def __init__(self, source: str, reason: str, public_reason: str | None = None) -> None:
         super().__init__(f"cannot load image {source}: {reason}")
         self.source = source
         self.reason = reason
+        self.public_reason = reason if public_reason is None else public_reason
 
 
 @dataclass(frozen=True)
@@ -184,29 +194,34 @@ def resolve_local_path(path: str | os.PathLike[str], policy: ImagePolicy) -> Pat
     """``path`` resolved (relative to the CWD, symlinks followed); refused unless it
     lies under an allowed root."""
     source = describe(path)
+    text = os.fspath(path)
+    if len(text) > MAX_PATH_CHARS:
+        raise ImageLoadError(source, f"path too long ({len(text)} characters, at most {MAX_PATH_CHARS})")
     try:
-        resolved = (Path.cwd() / os.fspath(path)).resolve()
+        resolved = (Path.cwd() / text).resolve()
     except (OSError, RuntimeError, ValueError) as exc:
-        raise ImageLoadError(source, f"cannot resolve path ({exc})") from None
+        raise ImageLoadError(source, f"cannot resolve path ({exc})", "cannot resolve path") from None
     roots = policy.roots()
     if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
-        raise ImageLoadError(source, f"outside allowed roots ({', '.join(str(r) for r in roots)})")
+        where = ", ".join(str(r) for r in roots)
+        raise ImageLoadError(source, f"outside allowed roots ({where})", "outside the allowed roots")
     return resolved
 
 
 def read_local_file(path: str | os.PathLike[str], policy: ImagePolicy) -> bytes:
-    """The bytes of a local file under an allowed root, at most ``max_bytes``."""
+    """The bytes of a local file under an allowed root, at most ``max_bytes``; any
+    failure of the file system (a name too long, no permission) is an ``ImageLoadError``."""
     source = describe(path)
     resolved = resolve_local_path(path, policy)
-    if not resolved.exists():
-        raise ImageLoadError(source, "not found")
-    if not resolved.is_file():
-        raise ImageLoadError(source, "not a regular file")
     try:
+        if not resolved.exists():
+            raise ImageLoadError(source, "not found")
+        if not resolved.is_file():
+            raise ImageLoadError(source, "not a regular file")
         with open(resolved, "rb") as f:
             data = f.read(policy.max_bytes + 1)
     except OSError as exc:
-        raise ImageLoadError(source, f"cannot read file ({exc.strerror or exc})") from None
+        raise ImageLoadError(source, f"cannot read file ({exc.strerror or type(exc).__name__})") from None
     if len(data) > policy.max_bytes:
         raise ImageLoadError(source, f"too large: more than {policy.max_bytes} bytes")
     return data
@@ -397,8 +412,20 @@ def _decode_base64(text: str, source: str) -> bytes:
         raise ImageLoadError(source, f"invalid base64 ({exc})") from None
 
 
+def _is_base64_text(text: str) -> bool:
+    """Whether ``text`` is base64 letters and whitespace, then at most two ``=`` and
+    whitespace. Linear in ``len(text)``: the padding is split off from the end first, so
+    the one pattern left is a single repeated character class, matched in one pass."""
+    stripped = text.rstrip()
+    padding = len(stripped) - len(stripped.rstrip("="))
+    if padding > 2:
+        return False
+    body = stripped[: len(stripped) - padding] if padding else text
+    return _BASE64_CHARS.fullmatch(body) is not None
+
+
 def _looks_like_base64_image(text: str) -> bool:
-    if len(text) < 64 or not _BASE64_TEXT.match(text):
+    if len(text) < 64 or not _is_base64_text(text):
         return False
     try:
         head = base64.b64decode("".join(text[:64].split())[:64], validate=True)

@@ -92,6 +92,25 @@ def test_stop_strings_cut_the_text(engine):
     assert len(cut.token_ids) < 16
 
 
+def test_cancelled_waiting_requests_leave_the_queue_at_once(fp32_model, tokenizer, golden_dir):
+    """A request cancelled while every row is busy is finished on the next step, not kept
+    (with its images) until a row frees up."""
+    fp32_model.image_cache = None
+    with working_directory(golden_dir):
+        eng = Engine(fp32_model, tokenizer, max_batch_size=1, max_seq_len=1024)
+        running = eng.submit(greedy("text_en"))
+        waiting = [eng.submit(greedy("img1_shapes")) for _ in range(5)]
+        eng.step()
+        for h in waiting:
+            h.cancel()
+        eng.step()
+        assert eng.num_waiting == 0
+        assert all(h.finished and h.finish_reason == "cancelled" and h.token_ids == [] for h in waiting)
+        assert not running.finished
+        eng.run_until_idle()
+    assert running.finish_reason == "length"
+
+
 def test_cancellation_leaves_the_others_alone(engine):
     a = engine.submit(greedy("img1_shapes"))
     b = engine.submit(greedy("text_en"))

@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import GOLDEN_DIR
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from qwen_vl import images as images_module
@@ -282,6 +284,27 @@ def test_directory_is_not_an_image(root):
     refused(root / "dir.png", ImagePolicy(allowed_roots=(root,)), "not a regular file")
 
 
+def test_file_system_errors_are_refusals(root):
+    policy = ImagePolicy(allowed_roots=(root,))
+    error = refused(str(root / ("x" * 300 + ".png")), policy, "cannot read file \\(File name too long\\)")
+    assert str(root) not in error.public_reason
+    refused(root / "ok.png" / "inner.png", policy, "not found")  # a file used as a folder
+
+
+def test_overlong_paths_are_refused_before_resolving(root):
+    policy = ImagePolicy(allowed_roots=(root,))
+    refused(str(root / ("x" * 5000)), policy, "path too long")
+    refused("a/" * 100_000, policy, "path too long")
+
+
+def test_public_reason_names_no_local_path(tmp_path, root):
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png_bytes())
+    error = refused(outside, ImagePolicy(allowed_roots=(root,)), "outside allowed roots", str(root))
+    assert error.public_reason == "outside the allowed roots"
+    assert refused(root / "missing.png", ImagePolicy(allowed_roots=(root,)), "not found").public_reason == "not found"
+
+
 # ----- content refusals ----------------------------------------------------------------------
 
 
@@ -324,6 +347,28 @@ def test_corrupt_and_truncated(root):
     refused(root / "truncated.png", ImagePolicy(allowed_roots=(root,)), "corrupt or truncated", "truncated.png")
     refused(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, None, "corrupt or truncated")
     refused(b"", None, "empty")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a" + " " * 200_000 + "!", " " * 200_000 + "!", "a\n" * 100_000 + "=!", "A" * 200_000 + "===", "a= " * 70_000],
+)
+def test_base64_check_is_linear(text):
+    start = time.perf_counter()
+    assert not images_module._looks_like_base64_image(text)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_long_strings_are_classified_quickly(root):
+    start = time.perf_counter()
+    refused("a" + " " * 200_000 + "!", ImagePolicy(allowed_roots=(root,)), "path too long")
+    assert time.perf_counter() - start < 1.0
+
+
+@given(st.text(alphabet="Ab9+/= \n\t\x0b\u00a0\u2028!-", max_size=12))
+def test_base64_text_check_keeps_its_language(text):
+    old = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}\s*$")  # the former check, quadratic on long input
+    assert images_module._is_base64_text(text) == bool(old.match(text))
 
 
 def test_bad_encodings_and_types():

@@ -140,3 +140,15 @@ def test_decode_tokens_verbose_prints(tokenizer, capsys):
     raw_text, tokens = _chat(tokenizer, reply)
     decode_tokens(tokens, tokenizer, len(raw_text), len(tokens) - len(reply), "chatml", verbose=True)
     assert "End Reason: Gen '<|im_end|>'" in capsys.readouterr().out
+
+
+def test_decomposed_text_gives_the_same_context_and_reply(tokenizer, fp32_model) -> None:
+    """NFD input (macOS keyboards, Korean jamo) encodes as its NFC form; raw_text follows,
+    so the reply is cut at the right place instead of losing one character per pair."""
+    composed, decomposed = "café " * 5, "cafe\u0301 " * 5
+    raw_nfd, ids_nfd = make_context(tokenizer, decomposed, [(decomposed, "oui")], system=decomposed)
+    raw_nfc, ids_nfc = make_context(tokenizer, composed, [(composed, "oui")], system=composed)
+    assert (raw_nfd, ids_nfd) == (raw_nfc, ids_nfc)
+    reply_nfd, _ = fp32_model.chat(tokenizer, decomposed, history=None, do_sample=False, max_new_tokens=8)
+    reply_nfc, _ = fp32_model.chat(tokenizer, composed, history=None, do_sample=False, max_new_tokens=8)
+    assert reply_nfd == reply_nfc

@@ -31,6 +31,8 @@ def test_bad_options_name_the_problem(checkpoint_dir: Path, tmp_path: Path, caps
     assert "not a checkpoint directory" in capsys.readouterr().err
     assert main(["serve", "--model", str(checkpoint_dir), "--max-images", "0"]) == 2
     assert "max_images must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--model", str(checkpoint_dir), "--max-body-bytes", "0"]) == 2
+    assert "max_body_bytes must be at least 1" in capsys.readouterr().err
     assert main(["serve", "--model", str(checkpoint_dir), "--allow-root", str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
+import re
+import socket
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +21,8 @@ from PIL import Image
 from test_server import MODEL, data_uri, image_message, make_service, running_server
 
 from qwen_vl.server import ImageAccess, ServerLimits
+from qwen_vl.server import app as app_module
+from qwen_vl.server.metrics import Metrics
 
 KEY = "secret-key"
 HI = [{"role": "user", "content": "hi"}]
@@ -88,8 +94,98 @@ def test_bad_json_and_non_object_body(strict_url: str) -> None:
     assert error_of(post(strict_url, None, raw=b"x" * 2_000_001), 413)["code"] == "body_too_large"
 
 
+def test_json_past_python_limits_is_invalid_json(strict_url: str) -> None:
+    huge_int = b'{"model": "tiny", "seed": ' + b"9" * 5001 + b"}"
+    for raw in (huge_int, b"[" * 100_000, b'{"a": ' * 50_000):
+        error = error_of(post(strict_url, None, raw=raw), 400)
+        assert (error["code"], error["type"]) == ("invalid_json", "invalid_request_error")
+
+
+def chunks(total: int, size: int = 65536) -> Iterator[bytes]:
+    """``total`` bytes of a body sent without ``Content-Length`` (chunked)."""
+    for start in range(0, total, size):
+        yield b"x" * min(size, total - start)
+
+
+def test_chunked_body_over_the_limit_is_413(strict_url: str) -> None:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    response = httpx.post(f"{strict_url}/chat/completions", content=chunks(3_000_000), headers=headers, timeout=60)
+    error = error_of(response, 413)
+    assert error["code"] == "body_too_large" and "2000000" in error["message"]
+    assert error_of(post(strict_url, [1]), 400)["code"] == "invalid_json"  # the server still answers
+
+
+def test_chunked_body_is_refused_before_it_ends(strict_url: str) -> None:
+    url = urllib.parse.urlsplit(strict_url)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {KEY}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    with socket.create_connection((url.hostname, url.port), timeout=20) as sock:
+        sock.sendall(head.encode())
+        for piece in chunks(2_100_000):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        answer = b""  # the last chunk is never sent: the body has not ended
+        while b"body_too_large" not in answer and (piece := sock.recv(4096)):
+            answer += piece
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"body_too_large" in answer
+
+
 def test_unknown_route_in_error_shape(strict_url: str) -> None:
     error_of(httpx.get(strict_url + "/nothing-here"), 404)
+
+
+def test_wrong_method_is_405_with_allow(strict_url: str) -> None:
+    response = httpx.get(f"{strict_url}/chat/completions")
+    assert error_of(response, 405)["code"] == "method_not_allowed"
+    assert response.headers["Allow"] == "POST"
+
+
+def responses_total(url: str, status: int) -> int:
+    text = httpx.get(url.removesuffix("/v1") + "/metrics").text
+    match = re.search(rf'^qwen_vl_responses_total{{status="{status}"}} (\d+)$', text, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def break_chat_route(monkeypatch) -> None:
+    """Make ``/v1/chat/completions`` fail inside the server with an unexpected exception."""
+
+    async def broken(service, body):
+        raise RuntimeError("secret detail at /srv/private/models")
+
+    monkeypatch.setattr(app_module, "accept_chat", broken)
+
+
+def test_internal_error_is_generic_and_logged(strict_url: str, monkeypatch, caplog) -> None:
+    break_chat_route(monkeypatch)
+    with caplog.at_level(logging.ERROR, logger="qwen_vl.server.app"):
+        response = post(strict_url, {"model": MODEL, "messages": HI, "max_tokens": 2})
+    error = error_of(response, 500)
+    assert error == {"message": "internal error; see the server log", "type": "server_error", "param": None,
+                     "code": "internal_error"}  # fmt: skip
+    assert "secret" not in response.text
+    logged = [r for r in caplog.records if r.name == "qwen_vl.server.app"]
+    assert logged and logged[0].exc_info is not None
+    assert "Traceback" in caplog.text and "secret detail" in caplog.text
+
+
+def test_internal_errors_are_counted(strict_url: str, monkeypatch) -> None:
+    break_chat_route(monkeypatch)
+    before = responses_total(strict_url, 500)
+    assert post(strict_url, {"model": MODEL, "messages": HI, "max_tokens": 2}).status_code == 500
+    assert responses_total(strict_url, 500) == before + 1
+
+
+def test_recent_generations_stay_within_the_window() -> None:
+    now = [0.0]
+    metrics = Metrics(window_s=10.0, clock=lambda: now[0])
+    for _ in range(1000):
+        metrics.finished(3, 4, 0.1, 0.2)
+        now[0] += 1.0
+    assert len(metrics._recent) <= 11
+    assert metrics.completion_tokens == 4000 and metrics.latency.count == 1000
+    assert metrics.tokens_per_second() == pytest.approx(4 * 10 / 10.0)
 
 
 @pytest.mark.parametrize(
@@ -167,6 +263,25 @@ def test_image_refusals(strict_url: str, golden_dir: Path) -> None:
     assistant_image = [*HI, {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": small}}]}, *HI]
     error = error_of(post(strict_url, {"model": MODEL, "messages": assistant_image}), 400)
     assert error["param"] == "messages[1].content[0].type"
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("x" * 300 + ".png", "cannot read file (File name too long)"),
+        ("x" * 5000 + ".png", "path too long"),
+        ("../checkpoint/config.json", "outside the allowed roots"),
+        ("/etc/passwd", "outside the allowed roots"),
+    ],
+)
+def test_image_refusals_name_no_server_path(strict_url: str, golden_dir: Path, name: str, reason: str) -> None:
+    for url in (str(golden_dir / "images" / name), "file://" + urllib.parse.quote(str(golden_dir / "images" / name))):
+        body = {"model": MODEL, "messages": [image_message(url, "?")], "max_tokens": 2}
+        response = post(strict_url, body)
+        error = error_of(response, 400)
+        assert (error["param"], error["code"]) == ("messages[0].content[0].image_url", "image_refused")
+        assert reason in error["message"], error["message"]
+        assert str(golden_dir.resolve()) not in response.text and str(golden_dir) not in response.text
 
 
 def test_private_address_refused_even_with_urls_on(busy) -> None:

@@ -54,6 +54,7 @@ def serve(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,
+        max_body_bytes=args.max_body_bytes,
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens,
         max_n=args.max_n,
@@ -106,6 +107,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     limits.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
     limits.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, help="encoded bytes per image")
     limits.add_argument("--max-image-pixels", type=int, default=16_000_000, help="width x height per image")
+    limits.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="request body (413 past it)")
     limits.add_argument("--max-prompt-tokens", type=int, default=None, help="default: what the KV cache holds")
     limits.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask")
     limits.add_argument("--max-n", type=int, default=8, help="largest n (choices per request)")

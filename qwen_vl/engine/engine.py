@@ -177,10 +177,17 @@ class Engine:
             return bool(self.active or self._waiting)
 
     def _retire_cancelled(self) -> None:
+        """Finish cancelled requests, running or still waiting (a waiting one holds its images)."""
         for r in self.active:
             if r.handle.cancelled and not r.handle.finished:
                 self._finish(r, "cancelled")
         self._retire()
+        with self._lock:
+            gone = [h for h in self._waiting if h.cancelled]
+            if gone:
+                self._waiting = deque(h for h in self._waiting if not h.cancelled)
+        for handle in gone:
+            self._finish_handle(handle, "cancelled")
 
     def _admit(self) -> list[_Running]:
         new: list[_Running] = []

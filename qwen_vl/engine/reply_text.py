@@ -1,5 +1,5 @@
 """Reading a reply's ids back as text: the ids that have text, and streamed text held back
-one event so that a final token the reply drops is never shown."""
+so that a final token the reply drops is never shown and the pieces join into the answer."""
 
 from __future__ import annotations
 
@@ -18,7 +18,16 @@ def readable_ids(ids: list[int], vocab: int, keep_last: bool) -> list[int]:
 
 
 class HeldBackText:
-    """Passes streamed text on one event late, so that a final token the reply drops is never shown."""
+    """Passes streamed text on so that its pieces join into exactly the final answer.
+
+    Each piece is held back one event, so a final token the reply drops is never shown;
+    leading whitespace is never shown and trailing whitespace is held back until text
+    other than whitespace follows, since the final answer is stripped. ``finish(final)``
+    then shows the rest of ``final``. Should ``final`` not begin with what was already
+    shown (the incremental text and the final reading disagree, which cannot be taken
+    back), ``finish`` shows nothing more: the stream stays what it showed, never a
+    second copy of the answer.
+    """
 
     def __init__(self, sink: TextSink | None) -> None:
         self.sink = sink
@@ -27,16 +36,15 @@ class HeldBackText:
         self.last = ""
 
     def feed(self, text: str) -> None:
+        """Take the next piece of streamed text; the one before it may now be shown."""
         self.streamed += self.last
         self.last = text
-        self._show(self.streamed.lstrip())
+        self._show(self.streamed.strip())
 
     def finish(self, final: str) -> None:
+        """Show what ``final``, the answer as read at the end, adds to what was shown."""
         if final.startswith(self.shown):
             self._show(final)
-        elif not self.shown.startswith(final):
-            self._emit("\n" + final)
-            self.shown = final
 
     def _show(self, text: str) -> None:
         if len(text) > len(self.shown) and text.startswith(self.shown):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,10 +12,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp
 
 from .completions import accept_chat, accept_text, complete, stream
 from .errors import APIError
 from .service import ClientGone, EngineService
+
+_log = logging.getLogger(__name__)
 
 
 def _chat_body(model: str) -> dict[str, Any]:
@@ -72,6 +76,50 @@ class _StatusCounter:
         await self.app(scope, receive, counted)
 
 
+class _CountedApp(FastAPI):
+    """FastAPI with ``_StatusCounter`` outside every other layer, so that the 500s sent by
+    Starlette's error middleware (the outermost layer FastAPI builds) are counted too."""
+
+    def __init__(self, service: EngineService, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._counted_service = service
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return _StatusCounter(super().build_middleware_stack(), self._counted_service)
+
+
+def _too_large(size: str, limit: int) -> APIError:
+    return APIError(413, f"request body of {size} bytes, at most {limit} allowed", code="body_too_large")
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it passes ``limit`` bytes: by its declared
+    ``Content-Length`` before reading, and by a running total while reading (chunked bodies)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise _too_large(length, limit)
+    raw = bytearray()
+    async for piece in request.stream():
+        raw += piece
+        if len(raw) > limit:
+            raise _too_large(f"more than {limit}", limit)
+    return bytes(raw)
+
+
+def _parse_json(raw: bytes) -> dict[str, Any]:
+    """The JSON object in ``raw``; 400 ``invalid_json`` for anything else, including numbers
+    past Python's integer-digit limit and nesting past its recursion limit."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON (nested too deeply)", code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer over the digit limit
+        raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
 class _JobStream(StreamingResponse):
     """Server-sent events that give the job's places back however the response ends
     (also when the client leaves before the first event was produced)."""
@@ -98,8 +146,7 @@ def create_app(service: EngineService, api_key: str | None = None) -> FastAPI:
         service.draining = True
         service.stop()
 
-    app = FastAPI(title="qwen-vl", description="OpenAI-compatible Qwen-VL server", lifespan=lifespan)
-    app.add_middleware(_StatusCounter, service=service)
+    app = _CountedApp(service, title="qwen-vl", description="OpenAI-compatible Qwen-VL server", lifespan=lifespan)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -107,13 +154,15 @@ def create_app(service: EngineService, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        message = f"internal server error ({type(exc).__name__}: {exc})"
-        return APIError(500, message, code="internal_error").response()
+        """A 500 that tells the client nothing of the failure; the log has it, with its traceback."""
+        _log.error("internal error answering %s %s", request.method, request.url.path, exc_info=exc)
+        return APIError(500, "internal error; see the server log", code="internal_error").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code).response()
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return APIError(exc.status_code, message, code=code, headers=exc.headers).response()
 
     def authorise(request: Request) -> None:
         if api_key is None:
@@ -124,20 +173,7 @@ def create_app(service: EngineService, api_key: str | None = None) -> FastAPI:
             raise APIError(401, "missing or invalid API key (send Authorization: Bearer KEY)", code="invalid_api_key")
 
     async def read_body(request: Request) -> dict[str, Any]:
-        limit = service.limits.max_body_bytes
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise APIError(413, f"request body of {length} bytes, at most {limit} allowed", code="body_too_large")
-        raw = await request.body()
-        if len(raw) > limit:
-            raise APIError(413, f"request body of {len(raw)} bytes, at most {limit} allowed", code="body_too_large")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-        return body
+        return _parse_json(await _read_limited(request, service.limits.max_body_bytes))
 
     async def answer(request: Request, accept: Any) -> Any:
         authorise(request)

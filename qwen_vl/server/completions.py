@@ -13,17 +13,20 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+import torch
 
 from ..chat_format import decode_tokens
 from ..cli.annotate import parse_boxes
 from ..engine.reply_text import HeldBackText, readable_ids
 from ..engine.request import GenerationRequest, RequestHandle
+from ..images import image_transform
 from .errors import APIError, invalid
 from .image_parts import load_parts
-from .messages import parse_messages, refuse_image_tags, write_queries
+from .messages import ImagePart, parse_messages, refuse_image_tags, write_queries
 from .params import GenerationFields, generation_fields
 from .service import Disconnected, EngineService, Prompt
 
@@ -74,17 +77,39 @@ def _requests(service: EngineService, prompt: Prompt, fields: GenerationFields, 
     return out
 
 
+def _open_images(service: EngineService, parts: list[ImagePart]) -> list[tuple[str, torch.Tensor]]:
+    """``(ref, pixels (3, S, S))`` per image part: opened under the policy and resized here,
+    off the engine thread, so a queued request holds model-sized pixels."""
+    size = int(service.model.config.visual["image_size"])
+    return [(ref, image_transform(image, size)) for ref, image in load_parts(parts, service.policy, service.limits)]
+
+
+async def _accept(service: EngineService, fields: GenerationFields, prepare: Callable[[], tuple[Prompt, Any]]) -> Job:
+    """Reserve the request's places, run ``prepare`` (images, tokenising) in a worker thread,
+    then queue its choices; the places go back if anything fails before that."""
+    service.reserve(fields.n)
+    try:
+        prompt, images = await asyncio.to_thread(prepare)
+        handles = service.submit(_requests(service, prompt, fields, images))
+    except BaseException:
+        service.unreserve(fields.n)
+        raise
+    kind, prefix = ("chat", "chatcmpl") if prompt.chat else ("text", "cmpl")
+    return Job(kind, f"{prefix}-{uuid.uuid4().hex}", prompt, fields, handles)
+
+
 async def accept_chat(service: EngineService, body: dict[str, Any]) -> Job:
-    """Check a chat body, open its images, build its context and submit it."""
+    """Check a chat body, then open its images, build its context and submit it."""
     fields = generation_fields(body, service.limits, service.generation_config)
     check_model(service, fields.model)
-    conv = parse_messages(body.get("messages"))
-    loaded = await asyncio.to_thread(load_parts, conv.images, service.policy, service.limits) if conv.images else []
-    query, history = write_queries(conv, service.tokenizer, [ref for ref, _ in loaded])
-    prompt = service.chat_prompt(query, history, conv.system)
-    images = dict(loaded) if loaded else None
-    handles = service.submit(_requests(service, prompt, fields, images))
-    return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", prompt, fields, handles)
+    conv = parse_messages(body.get("messages"), service.tokenizer)
+
+    def prepare() -> tuple[Prompt, Any]:
+        opened = _open_images(service, conv.images) if conv.images else []
+        query, history = write_queries(conv, service.tokenizer, [ref for ref, _ in opened])
+        return service.chat_prompt(query, history, conv.system), dict(opened) or None
+
+    return await _accept(service, fields, prepare)
 
 
 async def accept_text(service: EngineService, body: dict[str, Any]) -> Job:
@@ -96,10 +121,8 @@ async def accept_text(service: EngineService, body: dict[str, Any]) -> Job:
         text = text[0]
     if not isinstance(text, str):
         raise invalid("prompt", "must be a string (one prompt per request)", "invalid_type")
-    refuse_image_tags(text, "prompt", "images go through /v1/chat/completions")
-    prompt = service.raw_prompt(text)
-    handles = service.submit(_requests(service, prompt, fields, None))
-    return Job("text", f"cmpl-{uuid.uuid4().hex}", prompt, fields, handles)
+    refuse_image_tags(text, service.tokenizer, "prompt", "images go through /v1/chat/completions")
+    return await _accept(service, fields, lambda: (service.raw_prompt(text), None))
 
 
 # ----- reading answers -----------------------------------------------------

@@ -2,7 +2,8 @@
 
 ``data:image/...;base64,`` URIs are always accepted; http(s) URLs only when the
 server allows URLs (public addresses only); local paths (plain or ``file://``) only
-under the server's allowed roots. Each image is written in the prompt as a short
+under the server's allowed roots. A refusal names the part, never the server's own paths
+(its allowed roots). Each image is written in the prompt as a short
 reference derived from its pixels, so the same picture in a later turn gives the
 same tokens (and the engine reuses that turn's keys/values).
 """
@@ -53,7 +54,8 @@ def _source(part: ImagePart, policy: ImagePolicy) -> str:
 
 
 def load_parts(parts: list[ImagePart], policy: ImagePolicy, limits: ServerLimits) -> list[tuple[str, Image.Image]]:
-    """``(ref, image)`` for every part, in order; 400 naming the part for any refusal."""
+    """``(ref, image)`` for every part, in order; 400 naming the part for any refusal
+    (with the reason's public wording, which names no local path)."""
     if len(parts) > limits.max_images:
         raise APIError(
             400,
@@ -67,6 +69,6 @@ def load_parts(parts: list[ImagePart], policy: ImagePolicy, limits: ServerLimits
         try:
             image = load_image(source, policy)
         except ImageLoadError as e:
-            raise invalid(part.param, e.reason, "image_refused") from None
+            raise invalid(part.param, e.public_reason, "image_refused") from None
         loaded.append((image_ref(image), image))
     return loaded

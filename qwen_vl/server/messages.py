@@ -15,8 +15,6 @@ from typing import Any
 from ..chat import DEFAULT_SYSTEM
 from .errors import invalid
 
-_TAGS = ("<img>", "</img>", "<imgpad>")
-
 
 @dataclass
 class ImagePart:
@@ -36,24 +34,26 @@ class Conversation:
     images: list[ImagePart] = field(default_factory=list)
 
 
-def refuse_image_tags(text: str, param: str, instead: str) -> None:
-    """400 when ``text`` holds ``<img>``, ``</img>`` or ``<imgpad>``: images never come from typed text."""
-    found = [tag for tag in _TAGS if tag in text]
+def refuse_image_tags(text: str, tokenizer, param: str, instead: str) -> None:
+    """400 when ``text`` holds the tokenizer's image tags (``<img>``, ``</img>``,
+    ``<imgpad>``): images never come from typed text."""
+    tags = (tokenizer.image_start_tag, tokenizer.image_end_tag, tokenizer.image_pad_tag)
+    found = [tag for tag in tags if tag in text]
     if found:
         raise invalid(param, f"must not contain {found[0]} tags; {instead}")
 
 
-def _text(value: Any, param: str) -> str:
+def _text(value: Any, param: str, tokenizer) -> str:
     if not isinstance(value, str):
         raise invalid(param, f"must be a string, got {type(value).__name__}", "invalid_type")
-    refuse_image_tags(value, param, "send images as image_url parts")
+    refuse_image_tags(value, tokenizer, param, "send images as image_url parts")
     return value
 
 
-def _parts(content: Any, param: str, images: list[ImagePart], allow_images: bool) -> list[dict[str, Any]]:
+def _parts(content: Any, param: str, tokenizer, images: list[ImagePart], allow_images: bool) -> list[dict[str, Any]]:
     """The list-format parts of one message's content."""
     if isinstance(content, str):
-        return [{"text": _text(content, param)}]
+        return [{"text": _text(content, param, tokenizer)}]
     if not isinstance(content, list) or not content:
         raise invalid(param, "must be a string or a non-empty list of content parts", "invalid_type")
     parts: list[dict[str, Any]] = []
@@ -63,7 +63,7 @@ def _parts(content: Any, param: str, images: list[ImagePart], allow_images: bool
             raise invalid(where, f"must be an object, got {type(part).__name__}", "invalid_type")
         kind = part.get("type")
         if kind == "text":
-            parts.append({"text": _text(part.get("text"), f"{where}.text")})
+            parts.append({"text": _text(part.get("text"), f"{where}.text", tokenizer)})
         elif kind == "image_url" and allow_images:
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
@@ -78,8 +78,8 @@ def _parts(content: Any, param: str, images: list[ImagePart], allow_images: bool
     return parts
 
 
-def parse_messages(messages: Any) -> Conversation:
-    """Check ``messages`` and split them into system, user turns and assistant replies."""
+def parse_messages(messages: Any, tokenizer) -> Conversation:
+    """Check ``messages`` (text checked against ``tokenizer``'s image tags) and split them into system, user turns and assistant replies."""
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "must be a non-empty list of messages", "invalid_type")
     for i, m in enumerate(messages):
@@ -87,7 +87,7 @@ def parse_messages(messages: Any) -> Conversation:
             raise invalid(f"messages[{i}]", f"must be an object, got {type(m).__name__}", "invalid_type")
     system, start = DEFAULT_SYSTEM, 0
     if messages[0].get("role") in ("system", "developer"):
-        parts = _parts(messages[0].get("content"), "messages[0].content", [], allow_images=False)
+        parts = _parts(messages[0].get("content"), "messages[0].content", tokenizer, [], allow_images=False)
         system, start = "".join(p["text"] for p in parts), 1
     conv = Conversation(system, [], [])
     for i in range(start, len(messages)):
@@ -101,9 +101,9 @@ def parse_messages(messages: Any) -> Conversation:
             )
         param = f"messages[{i}].content"
         if role == "user":
-            conv.turns.append(_parts(messages[i].get("content"), param, conv.images, allow_images=True))
+            conv.turns.append(_parts(messages[i].get("content"), param, tokenizer, conv.images, allow_images=True))
         else:
-            parts = _parts(messages[i].get("content"), param, [], allow_images=False)
+            parts = _parts(messages[i].get("content"), param, tokenizer, [], allow_images=False)
             conv.replies.append("".join(p["text"] for p in parts))
     if len(conv.turns) == len(conv.replies):
         raise invalid(f"messages[{len(messages) - 1}].role", "the last message must be a user message")

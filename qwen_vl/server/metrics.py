@@ -6,6 +6,7 @@ import bisect
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -36,9 +37,13 @@ class Histogram:
 
 
 class Metrics:
-    """What the server has done so far; ``render`` adds the engine's current state."""
+    """What the server has done so far; ``render`` adds the engine's current state.
 
-    def __init__(self, window_s: float = 10.0) -> None:
+    Tokens per second cover the last ``window_s`` seconds of ``clock``: only the generations
+    finished in that window are kept, whether or not ``/metrics`` is read.
+    """
+
+    def __init__(self, window_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.lock = threading.Lock()
         self.responses: Counter[str] = Counter()  # by HTTP status
         self.rejected = 0  # 429s for a full queue
@@ -47,12 +52,14 @@ class Metrics:
         self.ttft = Histogram()
         self.latency = Histogram()
         self.window_s = window_s
+        self.clock = clock
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) finished in the window
 
     def finished(self, prompt_tokens: int, completion_tokens: int, ttft_s: float | None, latency_s: float) -> None:
         """Record one finished generation (one choice)."""
-        now = time.monotonic()
+        now = self.clock()
         with self.lock:
+            self._forget_before(now - self.window_s)
             self.prompt_tokens += prompt_tokens
             self.completion_tokens += completion_tokens
             if ttft_s is not None:
@@ -62,11 +69,15 @@ class Metrics:
 
     def tokens_per_second(self) -> float:
         """Generated tokens per second over the last ``window_s`` seconds."""
-        cutoff = time.monotonic() - self.window_s
+        cutoff = self.clock() - self.window_s
         with self.lock:
-            while self._recent and self._recent[0][0] < cutoff:
-                self._recent.popleft()
+            self._forget_before(cutoff)
             return sum(n for _, n in self._recent) / self.window_s
+
+    def _forget_before(self, cutoff: float) -> None:
+        """Drop the finished generations older than ``cutoff`` (the caller holds the lock)."""
+        while self._recent and self._recent[0][0] < cutoff:
+            self._recent.popleft()
 
     def render(self, queue_depth: int, running: int, in_flight: int) -> str:
         lines = [

@@ -20,7 +20,7 @@ from ..context import ContextTooLongError, fit_context
 from ..engine.engine import Engine
 from ..engine.generate import as_id_list
 from ..engine.request import GenerationRequest, RequestHandle, StreamEvent
-from .errors import APIError
+from .errors import APIError, invalid
 from .limits import ImageAccess, ServerLimits
 from .metrics import Metrics
 
@@ -128,20 +128,36 @@ class EngineService:
         return Prompt(self.tokenizer.decode(ids, errors="replace"), ids, chat=False)
 
     # ----- running -------------------------------------------------------------
-    def submit(self, requests: list[GenerationRequest]) -> list[RequestHandle]:
-        """Queue ``requests`` together, or 429 when the queue has no room for all of them."""
+    @property
+    def capacity(self) -> int:
+        """Requests (choices) that may be in flight at once: engine rows plus queue places."""
+        return self.engine.max_batch_size + self.limits.max_queue
+
+    def reserve(self, n: int) -> None:
+        """Take ``n`` places before any costly work (images, tokenising): 429 when the
+        queue has no room, 503 while draining. Give them back with ``unreserve`` if the
+        request fails before ``submit``; after it, ``release`` gives them back."""
         if self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
-        capacity = self.engine.max_batch_size + self.limits.max_queue
-        if self.in_flight + len(requests) > capacity:
+        if n > self.capacity:
+            raise invalid("n", f"asks for {n} choices; this server runs at most {self.capacity} at once")
+        if self.in_flight + n > self.capacity:
             self.metrics.rejected += 1
             raise APIError(
                 429,
-                f"the server is busy ({self.in_flight} requests in flight, room for {capacity}); retry later",
+                f"the server is busy ({self.in_flight} requests in flight, room for {self.capacity}); retry later",
                 code="queue_full",
                 headers={"Retry-After": "1"},
             )
-        self.in_flight += len(requests)
+        self.in_flight += n
+
+    def unreserve(self, n: int) -> None:
+        self.in_flight -= n
+
+    def submit(self, requests: list[GenerationRequest]) -> list[RequestHandle]:
+        """Queue ``requests`` (their places already reserved); all or none are queued."""
+        for r in requests:
+            r.validate()
         return [self.engine.submit(r) for r in requests]
 
     def release(self, handles: list[RequestHandle]) -> None:
