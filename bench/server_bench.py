@@ -203,8 +203,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"chat() one at a time: {baseline['requests_per_s']:.1f} req/s, p50 {baseline['p50_s'] * 1000:.0f} ms")
     for phase in phases:
         phase["speedup_vs_chat"] = phase["requests_per_s"] / baseline["requests_per_s"]
+        print(f"concurrency {phase['concurrency']:3d}: {phase['speedup_vs_chat']:.2f}x chat() one at a time")
     result = {"model": name, "max_tokens": args.max_tokens, "image_every": args.image_every, "phases": phases,
-              "chat_baseline": baseline, "client_torch_threads": torch.get_num_threads()}  # fmt: skip
+              "chat_baseline": baseline, "client_torch_threads": torch.get_num_threads(),
+              "machine": f"{os.cpu_count()} CPUs, {args.device}, torch {torch.__version__}",
+              "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     lost = [ph for ph in phases if ph["ok"] != ph["requests"] or ph["errors_5xx"]]
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
