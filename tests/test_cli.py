@@ -254,3 +254,10 @@ def test_model_demo_names_the_bundled_folder(tmp_path, monkeypatch, capsys):
     (tmp_path / "demo").mkdir()  # a local folder of that name wins
     with pytest.raises(CliError, match="no config.json"):
         check_model_dir("demo")
+
+
+@pytest.mark.parametrize("command", [["chat"], ["generate", "--prompt", "hi"], ["serve"]])
+def test_model_defaults_to_the_bundled_demo(command):
+    from qwen_vl.cli import build_parser
+
+    assert build_parser().parse_args(command).model == "demo"

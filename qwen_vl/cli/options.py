@@ -88,10 +88,13 @@ class ImageOptions:
 
 
 # ----- argparse ---------------------------------------------------------------
-def add_model_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
-        "--model", required=required, metavar="DIR", help="local checkpoint directory, or demo (the bundled model)"
+        "--model",
+        default="demo",
+        metavar="DIR",
+        help="local checkpoint directory, or demo (the bundled demo model; the default)",
     )
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     group.add_argument(
