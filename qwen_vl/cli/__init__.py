@@ -1,5 +1,5 @@
 """The ``qwen-vl`` command: ``generate``, ``chat``, ``bench``, ``finetune``, ``merge``, ``eval``, ``synth``, ``init``,
-``pretrain-vision`` and ``serve``.
+``pretrain-vision``, ``serve`` and ``demo``.
 
 Each subcommand is a thin argparse shell over typed functions (``generate.generate``,
 ``generate.answer_once``, ``chat.ChatLoop``, ``bench.run_bench``, ``synth.synth``) that tests call directly.
@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import bench, chat, eval, finetune, generate, init, merge, pretrain_vision, serve, synth
+from . import bench, chat, demo, eval, finetune, generate, init, merge, pretrain_vision, serve, synth
 from .errors import CliError
 from .session import GenerationFailed
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{generate,chat,bench,finetune,merge,eval,synth,init,pretrain-vision,serve}",
+        metavar="{generate,chat,bench,finetune,merge,eval,synth,init,pretrain-vision,serve,demo}",
     )
     generate.add_parser(sub)
     chat.add_parser(sub)
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_parser(sub)
     pretrain_vision.add_parser(sub)
     serve.add_parser(sub)
+    demo.add_parser(sub)
     return parser
 
 
