@@ -25,6 +25,8 @@ from .model.loading import load_weights
 from .model.network import QWenModel
 from .model.outputs import QWenCausalLMOutput
 from .model.vision import VisionTransformer
+from .quant.config import read_gptq_config
+from .quant.loading import install_quant_linears, select_kernels
 
 DTYPE_NAMES = {
     "float32": torch.float32,
@@ -142,10 +144,16 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         device: str | torch.device | None = None,
         device_map: str | torch.device | None = None,
         image_policy: ImagePolicy | None = None,
+        quant_kernel: str = "auto",
         **kwargs: Any,
     ) -> QWenLMHeadModel:
         """Load an official checkpoint directory (sharded or single ``.bin`` /
-        ``.safetensors``) into ``dtype`` ("auto" = the config's) on ``device``."""
+        ``.safetensors``) into ``dtype`` ("auto" = the config's) on ``device``.
+
+        An Int4 GPTQ checkpoint (``quantization_config`` / ``quantize_config.json``) gets
+        ``QuantLinear`` layers where its files hold ``qweight`` tensors; ``quant_kernel``
+        ("auto", "reference", "tinygemm") chooses their int4 matmul once, here
+        (see ``qwen_vl.quant.kernels``)."""
         if model_args:
             raise TypeError(f"unexpected positional arguments: {model_args!r}")
         unknown = set(kwargs) - IGNORED_LOAD_KWARGS
@@ -163,10 +171,15 @@ class QWenLMHeadModel(QWenPreTrainedModel):
             raise ValueError("give either dtype or torch_dtype, not both")
         compute_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
         target = _target_device(device, device_map)
+        gptq = read_gptq_config(ckpt_dir, getattr(config, "quantization_config", None))
         with torch.device("meta"):
             model = cls(config)
+        if gptq is not None:
+            install_quant_linears(model, ckpt_dir, gptq)
         tied = {"lm_head.weight": "transformer.wte.weight"} if config.tie_word_embeddings else {}
         load_weights(model, ckpt_dir, compute_dtype, target, tied=tied)
+        if gptq is not None:
+            select_kernels(model, compute_dtype, quant_kernel, device=target)
         model.config.dtype = compute_dtype
         model.eval()
         if image_policy is not None:

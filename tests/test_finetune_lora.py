@@ -1,5 +1,6 @@
 """LoRA on the golden tiny checkpoint: targets, trainable parts, adapter round trip,
-merge into the official layout, tied embeddings, gradient checkpointing, Q-LoRA errors."""
+merge into the official layout, tied embeddings, gradient checkpointing, Q-LoRA errors and
+Q-LoRA over an Int4 GPTQ base."""
 
 from __future__ import annotations
 
@@ -349,9 +350,59 @@ def test_qlora_needs_cuda_and_bitsandbytes() -> None:
         lora.load_qlora_base(CHECKPOINT_DIR, device="cpu")
 
 
-def test_qlora_refuses_a_gptq_checkpoint(tmp_path) -> None:
-    config = json.loads((CHECKPOINT_DIR / "config.json").read_text())
-    config["quantization_config"] = {"bits": 4, "quant_method": "gptq"}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(NotImplementedError, match="Int4 GPTQ"):
-        lora.load_qlora_base(tmp_path, device="cpu")
+def int4_base(out_dir: Path) -> Path:
+    """The golden model with its decoder linear layers rounded to Int4 GPTQ (group 128) in the
+    official layout."""
+    from qwen_vl.quant.config import GPTQConfig
+    from qwen_vl.quant.gptq import rtn_quantize
+    from qwen_vl.quant.writer import install_results, write_quantized
+
+    model = load_model()
+    results = {name: rtn_quantize(model.get_submodule(name).weight, group_size=128) for name in LLM_LINEARS}
+    install_results(model, results)
+    write_quantized(model, CHECKPOINT_DIR, out_dir, GPTQConfig())
+    return out_dir
+
+
+def test_qlora_over_an_int4_gptq_base_trains_on_cpu(tmp_path, image_prompt, tokenizer) -> None:
+    from peft.tuners.lora.gptq import GPTQLoraLinear
+
+    from qwen_vl.finetune.model_setup import prepare_model
+    from qwen_vl.finetune.settings import FinetuneSettings
+    from qwen_vl.quant.linear import QuantLinear
+
+    base_dir = int4_base(tmp_path / "int4")
+    base = lora.load_qlora_base(base_dir, compute_dtype=torch.float32, device="cpu")
+    assert not any(p.requires_grad for p in base.parameters())
+    assert {n for n, m in base.named_modules() if isinstance(m, QuantLinear)} == LLM_LINEARS
+    peft_model = apply_lora(base, LoraSettings(r=8, dropout=0.0))
+    wrapped = {
+        n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, GPTQLoraLinear)
+    }
+    assert wrapped == LLM_LINEARS
+    assert {checkpoint_name(n).split(".lora_")[0] for n in trainable_names(peft_model) if ".lora_" in n} == LLM_LINEARS
+    text = torch.tensor([tokenizer.encode("A red circle and a blue square are in the picture.")])
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-3)
+    peft_model.train()
+    losses = []
+    for _ in range(4):
+        loss = peft_model(input_ids=text, labels=text).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    ids, pixels = image_prompt
+    adapter_dir = save_adapter(peft_model, tmp_path / "adapter")
+    reloaded = load_adapter(qwen_vl.QWenLMHeadModel.from_pretrained(base_dir, dtype=torch.float32), adapter_dir)
+    torch.testing.assert_close(logits(reloaded, ids, pixels), logits(peft_model, ids, pixels), rtol=0, atol=0)
+    # the fine-tuning entry point takes the same route with --q-lora on CPU
+    settings = FinetuneSettings(model=base_dir, data=[tmp_path / "d.json"], output_dir=tmp_path / "o", q_lora=True)
+    run = prepare_model(settings, torch.device("cpu"))
+    assert run.is_peft and run.summary.by_part["lora"][0] > 0 and run.summary.by_part["llm"][0] == 0
+    # what cannot work says so: full fine-tuning of 4-bit weights, folding an adapter into them
+    with pytest.raises(ValueError, match="Int4 GPTQ checkpoint: its 4-bit weights cannot be fully fine-tuned"):
+        prepare_model(FinetuneSettings(model=base_dir, data=[tmp_path / "d.json"], output_dir=tmp_path / "f"),
+                      torch.device("cpu"))  # fmt: skip
+    with pytest.raises(ValueError, match="cannot be folded into 4-bit weights"):
+        merge_adapter(base_dir, adapter_dir, tmp_path / "merged")

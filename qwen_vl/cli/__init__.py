@@ -1,5 +1,5 @@
 """The ``qwen-vl`` command: ``generate``, ``chat``, ``bench``, ``finetune``, ``merge``, ``eval``, ``synth``, ``init``,
-``pretrain-vision``, ``serve`` and ``demo``.
+``pretrain-vision``, ``serve``, ``demo`` and ``quantize``.
 
 Each subcommand is a thin argparse shell over typed functions (``generate.generate``,
 ``generate.answer_once``, ``chat.ChatLoop``, ``bench.run_bench``, ``synth.synth``) that tests call directly.
@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import bench, chat, demo, eval, finetune, generate, init, merge, pretrain_vision, serve, synth
+from . import bench, chat, demo, eval, finetune, generate, init, merge, pretrain_vision, quantize, serve, synth
 from .errors import CliError
 from .session import GenerationFailed
 
@@ -22,13 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{generate,chat,bench,finetune,merge,eval,synth,init,pretrain-vision,serve,demo}",
+        metavar="{generate,chat,bench,finetune,merge,quantize,eval,synth,init,pretrain-vision,serve,demo}",
     )
     generate.add_parser(sub)
     chat.add_parser(sub)
     bench.add_parser(sub)
     finetune.add_parser(sub)
     merge.add_parser(sub)
+    quantize.add_parser(sub)
     eval.add_parser(sub)
     synth.add_parser(sub)
     init.add_parser(sub)

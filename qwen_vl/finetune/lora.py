@@ -27,6 +27,8 @@ from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
+from ..quant.config import QUANTIZE_CONFIG
+from ..quant.linear import QuantLinear
 from .trainable import EMBEDDINGS, freeze_fixed_parameters, vision_modules_to_save
 
 #: The official script's LoRA targets plus the MLP output projection.
@@ -36,6 +38,8 @@ LLM_BLOCKS = "transformer.h"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _TARGET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+#: Layers LoRA adapters can wrap: float linear layers and Int4 GPTQ ones.
+LINEAR_TYPES = (nn.Linear, QuantLinear)
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ def target_pattern(targets: Iterable[str]) -> str:
 
 def resolve_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
     """The names of the modules ``targets`` select; every target must select at
-    least one module and only linear layers."""
+    least one module and only linear layers (float or Int4 GPTQ)."""
     modules = dict(model.named_modules())
     if not any(name.startswith(LLM_BLOCKS + ".") for name in modules):
         raise ValueError(f"{type(model).__name__} has no decoder blocks under {LLM_BLOCKS}.<i>")
@@ -90,11 +94,11 @@ def resolve_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
         hits = [name for name in modules if pattern.fullmatch(name)]
         if not hits:
             block = modules[f"{LLM_BLOCKS}.0"]
-            known = ", ".join(n for n, m in block.named_modules() if isinstance(m, nn.Linear))
+            known = ", ".join(n for n, m in block.named_modules() if isinstance(m, LINEAR_TYPES))
             raise ValueError(
                 f"LoRA target {target!r} matches no module of {LLM_BLOCKS}.<i> (its linear layers: {known})"
             )
-        not_linear = [f"{n} ({type(modules[n]).__name__})" for n in hits if not isinstance(modules[n], nn.Linear)]
+        not_linear = [f"{n} ({type(modules[n]).__name__})" for n in hits if not isinstance(modules[n], LINEAR_TYPES)]
         if not_linear:
             raise ValueError(
                 f"LoRA target {target!r} selects modules that are not linear layers: {', '.join(not_linear)}"
@@ -115,6 +119,16 @@ def _name_both_embeddings(config: LoraConfig) -> None:
     ``lm_head`` is listed and the model declares the tie."""
     names = list(config.modules_to_save or [])
     config.modules_to_save = names + [m for m in EMBEDDINGS if m not in names]
+
+
+def _register_quant_layers(model: nn.Module, config: LoraConfig) -> None:
+    """Let peft wrap our Int4 ``QuantLinear`` layers (when ``model`` has any) with its GPTQ
+    LoRA layer, which adds ``B(A(x)) * scale`` to the frozen layer's output; registered
+    through peft's ``LoraConfig._register_custom_module`` (not saved with the adapter)."""
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        from peft.tuners.lora.gptq import GPTQLoraLinear
+
+        config._register_custom_module({QuantLinear: GPTQLoraLinear})
 
 
 def _quiet_peft_deprecation() -> None:
@@ -164,6 +178,7 @@ def apply_lora(
         ensure_weight_tying=tie,
         bias="none",
     )
+    _register_quant_layers(model, config)
     with warnings.catch_warnings():
         _quiet_peft_deprecation()
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
@@ -250,6 +265,7 @@ def load_adapter(
     if not isinstance(config, LoraConfig):
         raise ValueError(f"{adapter_dir / ADAPTER_CONFIG}: peft_type {config.peft_type} is not LORA")
     config.task_type = None
+    _register_quant_layers(model, config)
     saved = set(config.modules_to_save or [])
     if _is_tied(model) and any(name.split(".")[-1] in ("wte", "lm_head") for name in saved):
         _declare_tied_embeddings(model)
@@ -274,9 +290,10 @@ def load_adapter(
     return peft_model
 
 
-# ----- Q-LoRA: LoRA over a 4-bit NF4 base -------------------------------------
+# ----- Q-LoRA: LoRA over a 4-bit base (Int4 GPTQ, or NF4 on the fly) ---------
 class QLoraUnavailableError(RuntimeError):
-    """Q-LoRA was asked for where it cannot run (no CUDA GPU or no bitsandbytes)."""
+    """Q-LoRA over a float base (NF4 on the fly) was asked for where it cannot run
+    (no CUDA GPU or no bitsandbytes)."""
 
 
 def check_qlora_support(device: str | torch.device = "cuda") -> None:
@@ -293,7 +310,8 @@ def check_qlora_support(device: str | torch.device = "cuda") -> None:
         raise QLoraUnavailableError(
             "--q-lora needs a CUDA GPU and the bitsandbytes package; "
             + "; ".join(problems)
-            + ". Plain LoRA (without --q-lora) runs on any device."
+            + ". Plain LoRA (without --q-lora) runs on any device, and so does --q-lora over an Int4 GPTQ "
+            "checkpoint (see qwen-vl quantize)."
         )
 
 
@@ -348,13 +366,15 @@ def load_qlora_base(
     device: str | torch.device = "cuda",
     gradient_checkpointing: bool = True,
 ) -> nn.Module:
-    """Load ``base_dir`` as a Q-LoRA base: decoder linear layers in 4-bit NF4 on
-    ``device``, everything frozen, ready for ``apply_lora``.
+    """Load ``base_dir`` as a Q-LoRA base: decoder linear layers in 4 bits on ``device``,
+    everything frozen, ready for ``apply_lora``.
 
-    As peft's ``prepare_model_for_kbit_training``: the decoder's RMSNorm weights
-    become float32 and gradient checkpointing is on (unless turned off). Raises
-    ``NotImplementedError`` for an Int4 GPTQ checkpoint and
-    ``QLoraUnavailableError`` without a CUDA GPU or bitsandbytes.
+    An Int4 GPTQ checkpoint (Qwen-VL-Chat-Int4, or one ``qwen-vl quantize`` wrote) keeps
+    its own ``QuantLinear`` layers and runs on any device, CPU included; a float
+    checkpoint is quantized to bitsandbytes NF4 on load, which needs a CUDA GPU
+    (``QLoraUnavailableError`` otherwise). As peft's ``prepare_model_for_kbit_training``:
+    the decoder's RMSNorm weights become float32 and gradient checkpointing is on
+    (unless turned off).
     """
     from ..model.llm import RMSNorm
     from ..modeling import QWenLMHeadModel
@@ -362,19 +382,17 @@ def load_qlora_base(
 
     base_dir = Path(base_dir)
     method = _quantization_method(base_dir)
-    if method == "gptq":
-        raise NotImplementedError(
-            f"{base_dir} is an Int4 GPTQ checkpoint: Q-LoRA over a GPTQ base needs the GPTQ int4 layers, "
-            "which are not implemented yet; use the bfloat16 checkpoint (it is quantized to NF4 on load)"
-        )
-    if method is not None:
+    if method not in (None, "gptq"):
         raise ValueError(f"{base_dir / 'config.json'}: quantization_config.quant_method {method!r} is not supported")
-    check_qlora_support(device)
-    device = torch.device(device)
-    model = QWenLMHeadModel.from_pretrained(base_dir, dtype=compute_dtype, device="cpu")
-    quantize_llm_linears(model, compute_dtype, device)
-    model.to(device)
-    model.is_loaded_in_4bit = True  # peft chooses its 4-bit LoRA layers from this flag
+    if method is None and not (base_dir / QUANTIZE_CONFIG).is_file():
+        check_qlora_support(device)
+        device = torch.device(device)
+        model = QWenLMHeadModel.from_pretrained(base_dir, dtype=compute_dtype, device="cpu")
+        quantize_llm_linears(model, compute_dtype, device)
+        model.to(device)
+        model.is_loaded_in_4bit = True  # peft chooses its 4-bit LoRA layers from this flag
+    else:
+        model = QWenLMHeadModel.from_pretrained(base_dir, dtype=compute_dtype, device=device)
     model.requires_grad_(False)
     for module in model.transformer.modules():
         if isinstance(module, RMSNorm):

@@ -23,6 +23,7 @@ from peft.tuners.lora import LoraLayer
 from ..model.loading import WEIGHT_LAYOUTS, CheckpointError, weight_files
 from ..model.saving import save_checkpoint
 from ..modeling import QWenLMHeadModel, resolve_dtype
+from ..quant.config import read_gptq_config
 from .lora import atomic_directory, load_adapter
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -146,6 +147,11 @@ def merge_adapter(
             raise ValueError(f"the output directory {out_dir} is the input directory {source}: choose a new one")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (choose another directory or allow overwriting)")
+    if read_gptq_config(base_dir) is not None:
+        raise ValueError(
+            f"{base_dir} is an Int4 GPTQ checkpoint: an adapter cannot be folded into 4-bit weights; merge it "
+            "into the float checkpoint the Int4 one was made from, then `qwen-vl quantize` the result"
+        )
     max_bytes = parse_size(max_shard_size)
     model = QWenLMHeadModel.from_pretrained(base_dir, dtype=dtype, device="cpu")
     out_dtype = next(model.parameters()).dtype

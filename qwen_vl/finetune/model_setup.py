@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..modeling import QWenLMHeadModel
+from ..quant.config import read_gptq_config
 from .lora import apply_lora, load_qlora_base
 from .settings import FinetuneSettings
 from .trainable import TrainableSummary, enable_gradient_checkpointing, set_trainable, trainable_summary
@@ -62,6 +63,11 @@ def training_dtype(name: str, device: torch.device) -> torch.dtype:
 def prepare_model(settings: FinetuneSettings, device: torch.device) -> TrainingModel:
     """The model of ``settings.model`` on ``device`` with its trainable weights chosen."""
     full = not settings.lora
+    if full and read_gptq_config(settings.model) is not None:
+        raise ValueError(
+            f"{settings.model} is an Int4 GPTQ checkpoint: its 4-bit weights cannot be fully fine-tuned; "
+            "use --q-lora (LoRA adapters over the frozen Int4 layers) or start from the float checkpoint"
+        )
     dtype = training_dtype(settings.dtype, device)
     sharded = settings.fsdp or settings.deepspeed is not None
     if dtype == torch.float16 and sharded:

@@ -5,7 +5,8 @@ Supported layouts (first match wins): ``model.safetensors.index.json``,
 Tensors are read one shard at a time (``.bin`` memory-mapped, safetensors one
 tensor at a time), converted to the compute dtype on the target device and
 assigned in place of the meta parameters, so loading never holds two full copies
-of the weights.
+of the weights. Int4 GPTQ checkpoints load the same way once ``qwen_vl.quant.loading``
+has put ``QuantLinear`` layers where their files hold ``qweight`` tensors.
 """
 
 from __future__ import annotations
@@ -80,6 +81,14 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
+def _keeps_checkpoint_dtype(model: nn.Module, name: str) -> bool:
+    """Whether the module holding ``name`` asks for the file's dtype (``keeps_checkpoint_dtype``),
+    as the float16 scales of a GPTQ layer do."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return attr in getattr(module, "keeps_checkpoint_dtype", ())
+
+
 def load_weights(
     model: nn.Module,
     ckpt_dir: str | Path,
@@ -91,7 +100,8 @@ def load_weights(
 
     ``tied`` maps a parameter name to the one it shares storage with (for example
     ``lm_head.weight`` → ``transformer.wte.weight``); a tied name may be absent
-    from the files. Floating-point tensors become ``dtype`` on ``device``.
+    from the files. Floating-point tensors become ``dtype`` on ``device``, except
+    those a module keeps in the file's dtype (``keeps_checkpoint_dtype``).
 
     Raises CheckpointError listing every missing key, unexpected key and shape
     mismatch.
@@ -115,7 +125,8 @@ def load_weights(
                 )
                 mismatched_names.add(name)
                 continue
-            target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+            keep = not tensor.is_floating_point() or _keeps_checkpoint_dtype(model, name)
+            target_dtype = tensor.dtype if keep else dtype
             _set_tensor(model, name, tensor.to(device=device, dtype=target_dtype))
             loaded.add(name)
     missing = sorted(set(expected) - loaded - set(tied) - mismatched_names)
