@@ -18,7 +18,7 @@ import torch
 from .chat_format import decode_tokens, get_stop_words_ids
 from .context import fit_context
 from .engine.detokenize import IncrementalDetokenizer
-from .engine.generate import as_id_list, generate_stream, resolve_generation_config
+from .engine.generate import as_id_list, generate_stream, resolve_generation_config, window_size
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -33,7 +33,7 @@ def _prepare(model, tokenizer, query, history, system, stop_words_ids, generatio
     chat_format = getattr(gc, "chat_format", "chatml")
     if chat_format != "chatml":
         raise ValueError(f"chat needs generation_config.chat_format 'chatml', got {chat_format!r}")
-    max_window_size = kwargs.pop("max_window_size", None) or getattr(gc, "max_window_size", None) or 6144
+    max_window_size = kwargs.pop("max_window_size", None) or window_size(gc)
     limit = model.config.max_position_embeddings - 1  # room for at least one new token
     budget = min(budget, limit) if budget is not None else limit
     history = [tuple(turn) for turn in (history or [])]

@@ -80,6 +80,13 @@ def make_context(
     return raw_text, tokens
 
 
+def typed_image_tag(tokenizer: QWenTokenizer, text: str) -> str | None:
+    """The first of the tokenizer's image tags (``<img>``, ``</img>``, ``<imgpad>``) found in
+    typed ``text``, or None: apps that take pictures separately refuse such text."""
+    tags = (tokenizer.image_start_tag, tokenizer.image_end_tag, tokenizer.image_pad_tag)
+    return next((tag for tag in tags if tag in text), None)
+
+
 def get_stop_words_ids(chat_format: str, tokenizer: QWenTokenizer) -> list[list[int]]:
     """Id sequences that end a reply: ``<|im_end|>``/``<|im_start|>`` (chatml), ``Human:``/eod (raw)."""
     if chat_format == "chatml":

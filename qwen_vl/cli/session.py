@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..chat_format import decode_tokens, get_stop_words_ids
+from ..chat_format import get_stop_words_ids
 from ..context import ContextTooLongError, fit_context
 from ..engine import engine as engine_module
 from ..engine.engine import Engine
-from ..engine.generate import as_id_list
-from ..engine.reply_text import HeldBackText, TextSink, readable_ids
+from ..engine.generate import eos_token_ids, window_size
+from ..engine.reply_text import HeldBackText, TextSink, read_reply
 from ..engine.request import GenerationRequest, RequestHandle
 from .annotate import parse_boxes
 from .image_store import ImageStore
@@ -95,8 +95,8 @@ class ChatSession:
         gc = model.generation_config
         self.sampling = self.options.sampling(gc)
         self.max_new_tokens = self.options.new_tokens(gc)
-        self.max_window_size = int(getattr(gc, "max_window_size", None) or 6144)
-        self.eos_token_ids = as_id_list(getattr(gc, "eos_token_id", None)) or [tokenizer.eod_id]
+        self.max_window_size = window_size(gc)
+        self.eos_token_ids = eos_token_ids(gc, tokenizer)
         self.engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=max_seq_len, decode_mode=decode_mode)
         self._failed = _FailedSteps()
         logging.getLogger(engine_module.__name__).addHandler(self._failed)
@@ -171,9 +171,7 @@ class ChatSession:
         )
         stream = HeldBackText(on_text)
         handle = self._run(request, stream)
-        tokens = context + readable_ids(handle.token_ids, len(self.tokenizer), keep_last=not raw)
-        chat_format = "raw" if raw else "chatml"
-        response = decode_tokens(tokens, self.tokenizer, len(raw_text), len(context), chat_format, errors="replace")
+        response = read_reply(self.tokenizer, raw_text, context, handle.token_ids, chat=not raw)
         stream.finish(response)
         self.pending = []
         if not raw:

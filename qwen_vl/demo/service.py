@@ -14,12 +14,12 @@ import queue
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..chat_format import decode_tokens, get_stop_words_ids
+from ..chat_format import get_stop_words_ids, typed_image_tag
 from ..cli.options import GenerationOptions
 from ..context import ContextTooLongError, fit_context
 from ..engine.engine import Engine
-from ..engine.generate import as_id_list
-from ..engine.reply_text import HeldBackText, readable_ids
+from ..engine.generate import eos_token_ids, window_size
+from ..engine.reply_text import HeldBackText, read_reply
 from ..engine.request import GenerationRequest, RequestHandle, StreamEvent
 from ..images import image_transform
 from ..server.image_parts import image_ref
@@ -58,8 +58,8 @@ class DemoService:
         self.defaults = GenerationSettings.defaults(
             self.base_sampling, self.options.new_tokens(gc), self.limits.max_new_tokens
         )
-        self.max_window_size = int(getattr(gc, "max_window_size", None) or 6144)
-        self.eos_token_ids = as_id_list(getattr(gc, "eos_token_id", None)) or [tokenizer.eod_id]
+        self.max_window_size = window_size(gc)
+        self.eos_token_ids = eos_token_ids(gc, tokenizer)
         self.chat_stops = get_stop_words_ids("chatml", tokenizer)
         self.image_size = int(model.config.visual["image_size"])
         self.poll_s = poll_s
@@ -91,9 +91,9 @@ class DemoService:
             raise DemoError("type a message or attach a picture")
         if len(text) > self.limits.max_text_chars:
             raise DemoError(f"the message has {len(text)} characters, at most {self.limits.max_text_chars} allowed")
-        found = [tag for tag in (tok.image_start_tag, tok.image_end_tag, tok.image_pad_tag) if tag in text]
+        found = typed_image_tag(tok, text)
         if found:
-            raise DemoError(f"messages must not contain {found[0]} tags; attach pictures with the upload button")
+            raise DemoError(f"messages must not contain {found} tags; attach pictures with the upload button")
         total = len(conversation.pictures()) + len(files)
         if total > self.limits.max_images:
             raise DemoError(
@@ -141,8 +141,7 @@ class DemoService:
                     yield turn.response
             if handle.finish_reason in ("error", "cancelled"):
                 raise DemoError(f"generation failed: {handle.error or handle.finish_reason}")
-            tokens = ids + readable_ids(handle.token_ids, len(self.tokenizer), keep_last=True)
-            final = decode_tokens(tokens, self.tokenizer, len(raw_text), len(ids), "chatml", errors="replace")
+            final = read_reply(self.tokenizer, raw_text, ids, handle.token_ids, chat=True)
             turn.response, turn.done = final, True
             yield final
         finally:

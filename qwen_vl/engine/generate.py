@@ -45,6 +45,16 @@ def as_id_list(value: int | Sequence[int] | None) -> list[int]:
     return [int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
+def window_size(gc) -> int:
+    """Tokens of history a chat turn may keep: ``gc.max_window_size``, 6,144 when unset."""
+    return int(getattr(gc, "max_window_size", None) or 6144)
+
+
+def eos_token_ids(gc, tokenizer) -> list[int]:
+    """The ids that end generation: ``gc.eos_token_id``, else the tokenizer's ``<|endoftext|>``."""
+    return as_id_list(getattr(gc, "eos_token_id", None)) or [tokenizer.eod_id]
+
+
 def resolve_generation_config(model, generation_config=None, **kwargs: Any):
     """A copy of ``generation_config`` (default: the model's) with ``kwargs`` applied."""
     unknown = set(kwargs) - GENERATION_FIELDS - IGNORED_FIELDS

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..chat_format import decode_tokens
+
 TextSink = Callable[[str], Any]
 
 
@@ -15,6 +17,14 @@ def readable_ids(ids: list[int], vocab: int, keep_last: bool) -> list[int]:
     one is kept as it is and the count of ids stays what the official reading expects."""
     body, last = (ids[:-1], ids[-1:]) if keep_last else (ids, [])
     return [i for i in body if i < vocab] + last
+
+
+def read_reply(tokenizer, raw_text: str, prompt_ids: list[int], new_ids: list[int], chat: bool) -> str:
+    """The reply that ``new_ids`` make after ``prompt_ids`` (built as ``raw_text``), read as
+    ``chat()`` reads it (``chat``) or as a raw continuation."""
+    tokens = list(prompt_ids) + readable_ids(new_ids, len(tokenizer), keep_last=chat)
+    chat_format = "chatml" if chat else "raw"
+    return decode_tokens(tokens, tokenizer, len(raw_text), len(prompt_ids), chat_format, errors="replace")
 
 
 class HeldBackText:

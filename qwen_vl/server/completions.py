@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 
-from ..chat_format import decode_tokens
 from ..cli.annotate import parse_boxes
-from ..engine.reply_text import HeldBackText, readable_ids
+from ..engine.reply_text import HeldBackText, read_reply
 from ..engine.request import GenerationRequest, RequestHandle
 from ..images import image_transform
 from .errors import APIError, invalid
@@ -128,13 +127,10 @@ async def accept_text(service: EngineService, body: dict[str, Any]) -> Job:
 # ----- reading answers -----------------------------------------------------
 def answer_text(service: EngineService, job: Job, handle: RequestHandle) -> str:
     """The answer of one choice, read as ``chat()`` (or, raw, as ``generate --raw``) reads it."""
-    tok = service.tokenizer
     ids = handle.token_ids
     if handle.finish_reason == "stop" and job.fields.stop and (not ids or ids[-1] not in service.eos_token_ids):
         return handle.text.strip()  # the engine cut the text before a stop string
-    tokens = job.prompt.ids + readable_ids(ids, len(tok), keep_last=job.prompt.chat)
-    chat_format = "chatml" if job.prompt.chat else "raw"
-    return decode_tokens(tokens, tok, len(job.prompt.raw_text), len(job.prompt.ids), chat_format, errors="replace")
+    return read_reply(service.tokenizer, job.prompt.raw_text, job.prompt.ids, ids, chat=job.prompt.chat)
 
 
 def _finish_reason(handle: RequestHandle) -> str:

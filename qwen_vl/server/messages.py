@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..chat import DEFAULT_SYSTEM
+from ..chat_format import typed_image_tag
 from .errors import invalid
 
 
@@ -37,10 +38,9 @@ class Conversation:
 def refuse_image_tags(text: str, tokenizer, param: str, instead: str) -> None:
     """400 when ``text`` holds the tokenizer's image tags (``<img>``, ``</img>``,
     ``<imgpad>``): images never come from typed text."""
-    tags = (tokenizer.image_start_tag, tokenizer.image_end_tag, tokenizer.image_pad_tag)
-    found = [tag for tag in tags if tag in text]
+    found = typed_image_tag(tokenizer, text)
     if found:
-        raise invalid(param, f"must not contain {found[0]} tags; {instead}")
+        raise invalid(param, f"must not contain {found} tags; {instead}")
 
 
 def _text(value: Any, param: str, tokenizer) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ..chat_format import get_stop_words_ids
 from ..context import ContextTooLongError, fit_context
 from ..engine.engine import Engine
-from ..engine.generate import as_id_list
+from ..engine.generate import eos_token_ids, window_size
 from ..engine.request import GenerationRequest, RequestHandle, StreamEvent
 from .errors import APIError, invalid
 from .limits import ImageAccess, ServerLimits
@@ -78,8 +78,8 @@ class EngineService:
                              decode_mode=decode_mode)  # fmt: skip
         gc = model.generation_config
         self.generation_config = gc
-        self.max_window_size = int(getattr(gc, "max_window_size", None) or 6144)
-        self.eos_token_ids = as_id_list(getattr(gc, "eos_token_id", None)) or [tokenizer.eod_id]
+        self.max_window_size = window_size(gc)
+        self.eos_token_ids = eos_token_ids(gc, tokenizer)
         self.chat_stops = get_stop_words_ids("chatml", tokenizer)
         self.metrics = Metrics()
         self.in_flight = 0
