@@ -19,6 +19,12 @@ def bundled_model_dir(name: str | Path) -> Path | None:
     return None
 
 
+def resolve_model_dir(name: str | Path) -> Path:
+    """``name`` as a folder: a bundled model's folder for its name (``"demo"``), else the path itself."""
+    bundled = bundled_model_dir(name)
+    return bundled if bundled is not None else Path(name)
+
+
 def has_weights(model_dir: Path) -> bool:
     """True when ``model_dir`` holds weights in one of the official layouts (the bundled
     folder may ship without them)."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
+from .bundled import resolve_model_dir
 from .config import QWenConfig
 from .engine.image_cache import ImageFeatureCache
 from .images import ImagePolicy, image_transform, load_image
@@ -148,7 +149,8 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         **kwargs: Any,
     ) -> QWenLMHeadModel:
         """Load an official checkpoint directory (sharded or single ``.bin`` /
-        ``.safetensors``) into ``dtype`` ("auto" = the config's) on ``device``.
+        ``.safetensors``; ``"demo"``: the bundled demo model) into ``dtype`` ("auto" =
+        the config's) on ``device``.
 
         An Int4 GPTQ checkpoint (``quantization_config`` / ``quantize_config.json``) gets
         ``QuantLinear`` layers where its files hold ``qweight`` tensors; ``quant_kernel``
@@ -159,7 +161,7 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         unknown = set(kwargs) - IGNORED_LOAD_KWARGS
         if unknown:
             raise TypeError(f"from_pretrained got unexpected keyword arguments: {', '.join(sorted(unknown))}")
-        ckpt_dir = Path(pretrained_model_name_or_path)
+        ckpt_dir = resolve_model_dir(pretrained_model_name_or_path)
         if not ckpt_dir.is_dir():
             raise FileNotFoundError(
                 f"{ckpt_dir}: not a checkpoint directory (models are loaded from a local folder holding "
@@ -247,6 +249,7 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         return_dict: bool | None = None,
         loss_reduction: str = "mean",
         compute_logits: bool = True,
+        loss_vocab=None,
         **kwargs: Any,
     ) -> QWenCausalLMOutput:
         """Logits (B, T, vocab) for ``input_ids`` (B, T).
@@ -259,6 +262,8 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         divided by ``num_items_in_batch`` instead of their count when the Trainer
         passes it (gradient accumulation). It runs ``lm_head`` on the labelled positions only, so with
         ``compute_logits=False`` (logits None) training never builds (B, T, vocab).
+        ``loss_vocab`` (``qwen_vl.finetune.loss_vocab.LossVocabulary``) runs the loss's
+        softmax over the data's tokens and a sample of the others instead of every row.
         """
         for unused in ("past_key_values", "use_cache", "position_ids", "token_type_ids", "output_attentions"):
             kwargs.pop(unused, None)
@@ -283,11 +288,15 @@ class QWenLMHeadModel(QWenPreTrainedModel):
                 raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
             shift_labels = labels[:, 1:].to(h.device)  # (B, T-1)
             labelled = shift_labels != -100
-            picked = self.lm_head(h[:, :-1][labelled]).float()  # (N, vocab): labelled positions only
-            if num_items_in_batch is not None and loss_reduction == "mean":
-                loss = F.cross_entropy(picked, shift_labels[labelled], reduction="sum") / num_items_in_batch
+            hidden, targets = h[:, :-1][labelled], shift_labels[labelled]  # labelled positions only
+            if loss_vocab is None:
+                picked = self.lm_head(hidden).float()  # (N, vocab)
             else:
-                loss = F.cross_entropy(picked, shift_labels[labelled], reduction=loss_reduction)
+                picked, targets = loss_vocab.logits_and_targets(hidden, self.lm_head.weight, targets)
+            if num_items_in_batch is not None and loss_reduction == "mean":
+                loss = F.cross_entropy(picked, targets, reduction="sum") / num_items_in_batch
+            else:
+                loss = F.cross_entropy(picked, targets, reduction=loss_reduction)
         elif not compute_logits:
             raise ValueError(
                 "compute_logits=False is for training with labels: without them there is nothing to return"

@@ -115,6 +115,15 @@ class QWenTokenizer(PreTrainedTokenizer):
     vocab_files_names = VOCAB_FILES_NAMES
     model_input_names = ["input_ids", "attention_mask"]
 
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any
+    ) -> QWenTokenizer:
+        """The tokenizer of a local checkpoint folder (``"demo"``: the bundled demo model's)."""
+        from .bundled import resolve_model_dir
+
+        return super().from_pretrained(resolve_model_dir(pretrained_model_name_or_path), *args, **kwargs)
+
     def __init__(
         self,
         vocab_file: str | os.PathLike,

@@ -256,6 +256,25 @@ def test_model_demo_names_the_bundled_folder(tmp_path, monkeypatch, capsys):
         check_model_dir("demo")
 
 
+def test_python_api_loads_the_bundled_model_by_name(tmp_path, monkeypatch, checkpoint_dir):
+    import qwen_vl
+    from qwen_vl import bundled
+    from qwen_vl.model.loading import CheckpointError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(bundled.BUNDLED, "demo", Path(checkpoint_dir))
+    assert qwen_vl.QWenTokenizer.from_pretrained("demo").encode("hi") == [6023]
+    model = qwen_vl.QWenLMHeadModel.from_pretrained("demo", dtype="float32")
+    assert model.config.hidden_size == qwen_vl.QWenConfig.from_pretrained(checkpoint_dir).hidden_size
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    for name in ("config.json", "qwen.tiktoken", "tokenizer_config.json"):
+        (weightless / name).write_bytes((Path(checkpoint_dir) / name).read_bytes())
+    monkeypatch.setitem(bundled.BUNDLED, "demo", weightless)
+    with pytest.raises(CheckpointError, match="no weights found"):
+        qwen_vl.QWenLMHeadModel.from_pretrained("demo")
+
+
 @pytest.mark.parametrize("command", [["chat"], ["generate", "--prompt", "hi"], ["serve"]])
 def test_model_defaults_to_the_bundled_demo(command):
     from qwen_vl.cli import build_parser

@@ -13,6 +13,7 @@ from .supervised import TRUNCATION_POLICIES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULE_KINDS = get_args(ScheduleKind)
+LOSS_VOCABS = ("full", "data")
 
 
 @dataclass
@@ -58,6 +59,7 @@ class FinetuneSettings:
     truncation: str = "drop"
     skip_bad: bool = False
     group_by_length: bool = True
+    loss_vocab: str = "full"  # "data": softmax over the data's tokens + sampled others (finetune.loss_vocab)
     # machinery
     dtype: str = "auto"
     device: str = "auto"
@@ -108,6 +110,10 @@ class FinetuneSettings:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.q_lora:
             self.lora = True
+        if self.loss_vocab not in LOSS_VOCABS:
+            raise ValueError(f"--loss-vocab must be one of {', '.join(LOSS_VOCABS)}, got {self.loss_vocab!r}")
+        if self.loss_vocab != "full" and (self.lora or self.fsdp or self.deepspeed is not None):
+            raise ValueError("--loss-vocab data is for full fine-tuning in one process per device without sharding")
         if not self.data:
             raise ValueError("--data: give at least one data file")
         if self.fsdp and self.deepspeed is not None:

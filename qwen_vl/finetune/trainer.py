@@ -46,6 +46,7 @@ from .dataset import SupervisedDataset, collate
 from .deepspeed_config import load_config, resolve_config
 from .distributed import ProcessInfo, all_reduce_sum, barrier, init_processes
 from .loss_log import LossLog
+from .loss_vocab import LossVocabulary
 from .model_setup import prepare_model
 from .oom import explain_oom, is_oom
 from .outputs import save_final
@@ -93,6 +94,7 @@ class _Run:
         self.proc: ProcessInfo = init_processes(settings.device)
         self.engine = None  # the DeepSpeed engine under --deepspeed
         self.scaler: torch.amp.GradScaler | None = None  # float16 loss scaling
+        self.loss_vocab: LossVocabulary | None = None  # --loss-vocab data
 
     # ----- setup -------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -118,6 +120,13 @@ class _Run:
         if tm.dtype == torch.float16:
             self.scaler = torch.amp.GradScaler(proc.device.type)
         image_size = int(tm.core.config.visual["image_size"])
+        self.loss_vocab = (
+            LossVocabulary.from_sequences(
+                [e.input_ids for e in examples] + [e.labels for e in examples], tm.core.config.vocab_size
+            )
+            if s.loss_vocab == "data"
+            else None
+        )
         dataset = SupervisedDataset(examples, image_size)
         sampler = ResumableBatchSampler(
             len(dataset),
@@ -322,6 +331,7 @@ class _Run:
                 labels=batch["labels"].to(device),
                 loss_reduction="sum",
                 compute_logits=False,  # lm_head runs on the trained positions only
+                loss_vocab=self.loss_vocab,
             )
         return out.loss.float()
 
