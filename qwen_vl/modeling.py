@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from .model.outputs import QWenCausalLMOutput
 from .model.vision import VisionTransformer
 from .quant.config import read_gptq_config
 from .quant.loading import install_quant_linears, select_kernels
+
+if TYPE_CHECKING:
+    from .finetune.loss_vocab import LossVocabulary
 
 DTYPE_NAMES = {
     "float32": torch.float32,
@@ -249,7 +252,7 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         return_dict: bool | None = None,
         loss_reduction: str = "mean",
         compute_logits: bool = True,
-        loss_vocab=None,
+        loss_vocab: LossVocabulary | None = None,
         **kwargs: Any,
     ) -> QWenCausalLMOutput:
         """Logits (B, T, vocab) for ``input_ids`` (B, T).

@@ -3,8 +3,7 @@
 Qwen-VL's vocabulary has 151,936 rows. On a small model trained on a narrow domain (the
 synthetic shapes world uses about a thousand distinct tokens), ``lm_head`` over every row
 at every labelled position is most of a training step. ``LossVocabulary`` keeps the rows
-that occur in the data (inputs and labels, plus the end-of-turn tokens) and, at every
-call, a fresh uniform sample of the other rows whose logits are shifted by
+that occur in the data's input ids (labels are a part of them) and, at every call, a fresh uniform sample of the other rows whose logits are shifted by
 ``log(others / sampled)``: the sampled softmax estimate of the full normaliser, so the
 model still learns to keep the unseen rows' logits low. With every other row sampled the
 loss is exactly the full cross-entropy. The saved model keeps the full vocabulary.
