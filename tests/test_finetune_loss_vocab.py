@@ -23,6 +23,8 @@ def test_every_other_row_sampled_is_exactly_the_full_loss():
     hidden, weight, targets = _case()
     lv = LossVocabulary.from_sequences([[3, 7, 12], [40, -100, 3]], vocab_size=50, negatives=1000)
     assert lv.ids.tolist() == [3, 7, 12, 40] and len(lv.others) == 46
+    moved = lv.to("cpu")
+    assert moved.ids.tolist() == lv.ids.tolist() and moved.others.tolist() == lv.others.tolist()
     logits, columns = lv.logits_and_targets(hidden, weight, targets)
     assert logits.shape == (6, 50) and columns.tolist() == [0, 1, 1, 2, 3, 0]
     full = F.cross_entropy(hidden @ weight.T, targets)

@@ -3,17 +3,18 @@
 Qwen-VL's vocabulary has 151,936 rows. On a small model trained on a narrow domain (the
 synthetic shapes world uses about a thousand distinct tokens), ``lm_head`` over every row
 at every labelled position is most of a training step. ``LossVocabulary`` keeps the rows
-that occur in the data's input ids (labels are a part of them) and, at every call, a fresh uniform sample of the other rows whose logits are shifted by
-``log(others / sampled)``: the sampled softmax estimate of the full normaliser, so the
-model still learns to keep the unseen rows' logits low. With every other row sampled the
-loss is exactly the full cross-entropy. The saved model keeps the full vocabulary.
+that occur in the data's input ids (labels are a part of them) and, at every call, a fresh
+uniform sample of the other rows whose logits are shifted by ``log(others / sampled)``:
+the sampled softmax estimate of the full normaliser, so the model still learns to keep
+the unseen rows' logits low. With every other row sampled the loss is exactly the full
+cross-entropy. The saved model keeps the full vocabulary.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -49,6 +50,10 @@ class LossVocabulary:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def to(self, device: torch.device | str) -> LossVocabulary:
+        """The same vocabulary with its id tensors on ``device`` (where the training step runs)."""
+        return replace(self, ids=self.ids.to(device), others=self.others.to(device))
+
     def logits_and_targets(
         self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +70,8 @@ class LossVocabulary:
             if self.negatives >= len(self.others):
                 drawn = self.others
             else:
-                drawn = self.others[torch.randint(len(self.others), (self.negatives,))]
+                picks = torch.randint(len(self.others), (self.negatives,), device=self.others.device)
+                drawn = self.others[picks]
             rows = torch.cat([ids, drawn.to(ids.device)])
             shift = math.log(len(self.others) / len(drawn))
         logits = (hidden @ weight[rows].T).float()  # (N, V_d + K)

@@ -121,7 +121,7 @@ class _Run:
             self.scaler = torch.amp.GradScaler(proc.device.type)
         image_size = int(tm.core.config.visual["image_size"])
         self.loss_vocab = (
-            LossVocabulary.from_sequences([e.input_ids for e in examples], tm.core.config.vocab_size)
+            LossVocabulary.from_sequences([e.input_ids for e in examples], tm.core.config.vocab_size).to(proc.device)
             if s.loss_vocab == "data"
             else None
         )
