@@ -447,7 +447,7 @@ def test_collate_pads_right_and_orders_images(image_data):
     batch = collate(items, pad_id=151643)
     lengths = [len(i["input_ids"]) for i in items]
     longest = max(lengths)
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "images"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "images"}  # no item gives regions: no "look"
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, longest)
     for row, (item, n) in enumerate(zip(items, lengths)):
         assert batch["input_ids"][row, :n].tolist() == item["input_ids"].tolist()

@@ -75,6 +75,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="softmax of the loss over every token (default) or over the data's tokens and a fresh sample of "
         "4,096 others per step (much faster for a small model on a narrow domain; full fine-tuning only)",
     )
+    opt.add_argument(
+        "--look-loss-weight",
+        type=float,
+        default=0.0,
+        help="weight of the look loss: answers' 'regions' tell one attention layer where to look (0: off)",
+    )
+    opt.add_argument("--look-loss-layer", type=int, default=1, help="the layer whose attention the look loss trains")
+    opt.add_argument("--look-loss-heads", type=int, default=1, help="how many of its heads (the first ones)")
 
     run = p.add_argument_group("running")
     run.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on a GPU, float32 on CPU")
@@ -103,7 +111,8 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
         "model", "data", "output_dir", "image_root", "model_max_length", "truncation", "skip_bad", "lora",
         "q_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "train_embeddings", "fix_vit", "train_resampler",
         "learning_rate", "weight_decay", "adam_beta2", "lr_scheduler", "warmup_ratio", "max_grad_norm", "epochs",
-        "max_steps", "batch_size", "gradient_accumulation_steps", "group_by_length", "loss_vocab", "dtype", "device",
+        "max_steps", "batch_size", "gradient_accumulation_steps", "group_by_length", "loss_vocab", "look_loss_weight",
+        "look_loss_layer", "look_loss_heads", "dtype", "device",
         "gradient_checkpointing", "seed", "save_steps", "save_total_limit", "resume", "logging_steps", "fsdp",
         "deepspeed",
     )  # fmt: skip

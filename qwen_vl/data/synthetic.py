@@ -3,7 +3,8 @@
 ``generate(out_dir, n, seed)`` writes ``n`` records:
 
 * ``images/NNNNNN.png`` (and ``NNNNNN_b.png``, the second picture of a ``difference`` record);
-* ``data.json``: the conversations in the official fine-tuning format;
+* ``data.json``: the conversations in the official fine-tuning format, answers with their
+  ``regions`` (where in the pictures their facts are);
 * ``truth.jsonl``: per record its kind, language, pictures, scenes, turns (question, answer,
   structured target);
 * ``manifest.json``: seed, n, kinds, languages, generator version, counts per kind and language.
@@ -32,10 +33,11 @@ from PIL import Image
 
 from ..model.saving import atomic_write
 from .conversations import KINDS, LANGS, SINGLE_IMAGE_KINDS, Turn, difference_turn, make_turn, multiturn
+from .regions import answer_regions
 from .scenes import Scene, change_scene, render_scene, sample_scene
 
 GENERATOR = "qwen-vl shapes world"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: answers carry their regions
 DEFAULT_TURNS = (2, 3)  # questions in a multiturn record
 IMAGE_DIR = "images"
 #: zlib level of the PNG files (fast; the "Up" filter keeps flat scenes small anyway).
@@ -74,12 +76,17 @@ class Sample:
         return [f"{IMAGE_DIR}/{name}" for name in names]
 
     def record(self) -> dict[str, Any]:
-        """The record in the official fine-tuning format."""
+        """The record in the official fine-tuning format; answers carry their ``regions``
+        (``qwen_vl.data.regions``), which ``finetune --look-loss-weight`` trains on."""
         pictures = "".join(f"Picture {k}: <img>{path}</img>\n" for k, path in enumerate(self.images, start=1))
         conversations = []
         for t, turn in enumerate(self.turns):
             conversations.append({"from": "user", "value": (pictures if t == 0 else "") + turn.question})
-            conversations.append({"from": "assistant", "value": turn.answer})
+            answer: dict[str, Any] = {"from": "assistant", "value": turn.answer}
+            regions = answer_regions(turn, self.scenes, self.lang)
+            if regions:
+                answer["regions"] = regions
+            conversations.append(answer)
         return {"id": self.id, "conversations": conversations}
 
     def truth(self) -> dict[str, Any]:

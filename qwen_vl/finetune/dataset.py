@@ -50,6 +50,7 @@ class SupervisedDataset(Dataset):
             "labels": torch.tensor(example.labels, dtype=torch.long),  # (T,)
             "image_paths": list(example.image_paths),
             "images": images,  # each (3, S, S)
+            "look": example.look,  # LookTarget per covered answer token (finetune.regions)
         }
 
 
@@ -59,6 +60,7 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     Returns ``input_ids`` (B, T) padded with ``pad_id``, ``attention_mask`` (B, T) (1 = real
     token), ``labels`` (B, T) padded with -100, and ``images``: every item's pixel tensors in
     span order, item after item (the order the model fills ``<img>`` spans in), or ``None``.
+    Only when some item has look targets (its answers give ``regions``), ``look`` holds each row's.
     """
     if not batch:
         raise ValueError("cannot collate an empty batch")
@@ -73,4 +75,8 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         labels[row, :n] = item["labels"]
         attention_mask[row, :n] = 1
         images.extend(item.get("images") or [])
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "images": images or None}
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "images": images or None}
+    look = [tuple(item.get("look") or ()) for item in batch]
+    if any(look):
+        out["look"] = look  # not a model input: the trainer's look loss takes it
+    return out

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .regions import Region, parse_regions
+
 #: Role names accepted in ``from`` and the role each one means.
 ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 RECORD_FIELDS = ("id", "conversations", "system")
-TURN_FIELDS = ("from", "value")
+TURN_FIELDS = ("from", "value", "regions")
 _JSON_SPACE = " \t\n\r"
 
 
@@ -78,6 +80,7 @@ class Turn:
 
     role: str
     value: str
+    regions: tuple[Region, ...] = ()  # assistant turns only: where the answer's facts are
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,10 @@ class Record:
     def pairs(self) -> list[tuple[str, str]]:
         """The conversation as ``(user, assistant)`` pairs."""
         return [(self.turns[i].value, self.turns[i + 1].value) for i in range(0, len(self.turns), 2)]
+
+    def regions(self) -> list[tuple[Region, ...]]:
+        """The regions of each assistant turn, in order (empty where a turn gives none)."""
+        return [self.turns[i + 1].regions for i in range(0, len(self.turns), 2)]
 
     def texts(self) -> list[tuple[str, str, str]]:
         """``(field, role, text)`` of every turn."""
@@ -261,7 +268,7 @@ def _turn(raw: RawRecord, i: int, turn: Any, errors: list[DataError]) -> Turn | 
         return None
     for key in turn:
         if key not in TURN_FIELDS:
-            fail(f"{where}.{key}", "unknown field (a turn has only 'from' and 'value')")
+            fail(f"{where}.{key}", "unknown field (a turn has 'from', 'value' and, for answers, 'regions')")
     role, value = turn.get("from"), turn.get("value")
     for key, got in (("from", role), ("value", value)):
         if key not in turn:
@@ -272,8 +279,14 @@ def _turn(raw: RawRecord, i: int, turn: Any, errors: list[DataError]) -> Turn | 
         fail(f"{where}.from", f"unknown role {role!r} (use 'user' or 'assistant'; 'human' and 'gpt' are accepted)")
     if isinstance(value, str) and not value.strip():
         fail(f"{where}.value", "empty value")
+    regions: tuple[Region, ...] = ()
+    if "regions" in turn:
+        if ROLE_ALIASES.get(role) == "user":
+            fail(f"{where}.regions", "regions belong to assistant turns")
+        elif isinstance(value, str):
+            regions = parse_regions(turn["regions"], f"{where}.regions", value, fail)
     if isinstance(role, str) and role in ROLE_ALIASES and isinstance(value, str):
-        return Turn(ROLE_ALIASES[role], value)
+        return Turn(ROLE_ALIASES[role], value, regions)
     return None
 
 

@@ -60,6 +60,9 @@ class FinetuneSettings:
     skip_bad: bool = False
     group_by_length: bool = True
     loss_vocab: str = "full"  # "data": softmax over the data's tokens + sampled others (finetune.loss_vocab)
+    look_loss_weight: float = 0.0  # > 0: the data's regions train one layer's attention (finetune.look_loss)
+    look_loss_layer: int = 1
+    look_loss_heads: int = 1
     # machinery
     dtype: str = "auto"
     device: str = "auto"
@@ -93,7 +96,17 @@ class FinetuneSettings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("learning_rate", "weight_decay", "lora_dropout", "warmup_ratio", "max_grad_norm", "save_steps"):
+        non_negative = (
+            "learning_rate",
+            "weight_decay",
+            "lora_dropout",
+            "warmup_ratio",
+            "max_grad_norm",
+            "save_steps",
+            "look_loss_weight",
+            "look_loss_layer",
+        )
+        for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -114,6 +127,10 @@ class FinetuneSettings:
             raise ValueError(f"--loss-vocab must be one of {', '.join(LOSS_VOCABS)}, got {self.loss_vocab!r}")
         if self.loss_vocab != "full" and (self.lora or self.fsdp or self.deepspeed is not None):
             raise ValueError("--loss-vocab data is for full fine-tuning in one process per device without sharding")
+        if self.look_loss_heads < 1:
+            raise ValueError(f"--look-loss-heads must be at least 1, got {self.look_loss_heads}")
+        if self.look_loss_weight > 0 and (self.fsdp or self.deepspeed is not None):
+            raise ValueError("--look-loss-weight needs the whole model in each process: not with --fsdp or --deepspeed")
         if not self.data:
             raise ValueError("--data: give at least one data file")
         if self.fsdp and self.deepspeed is not None:

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..tokenizer import QWenTokenizer
+
+if TYPE_CHECKING:
+    from .regions import LookTarget
 
 IGNORE_INDEX = -100
 TRUNCATION_POLICIES = ("drop", "fail", "truncate")
@@ -109,6 +113,7 @@ class Example:
     labels: list[int]  # (T,)
     image_paths: tuple[str, ...]  # resolved, in span order
     image_root: str
+    look: tuple[LookTarget, ...] = ()  # from the answers' regions (finetune.regions)
 
     @property
     def num_tokens(self) -> int:

@@ -45,6 +45,7 @@ from .checkpoints import (
 from .dataset import SupervisedDataset, collate
 from .deepspeed_config import load_config, resolve_config
 from .distributed import ProcessInfo, all_reduce_sum, barrier, init_processes
+from .look_loss import LookLoss
 from .loss_log import LossLog
 from .loss_vocab import LossVocabulary
 from .model_setup import prepare_model
@@ -70,6 +71,7 @@ class TrainResult:
     global_step: int
     total_steps: int
     losses: list[float] = field(default_factory=list)  # one per optimizer step of this run
+    look_losses: list[float] = field(default_factory=list)  # per step with look targets (--look-loss-weight)
     tokens_seen: int = 0
     tokens_per_s: float = 0.0
     final_dir: Path | None = None
@@ -95,6 +97,8 @@ class _Run:
         self.engine = None  # the DeepSpeed engine under --deepspeed
         self.scaler: torch.amp.GradScaler | None = None  # float16 loss scaling
         self.loss_vocab: LossVocabulary | None = None  # --loss-vocab data
+        self.look: LookLoss | None = None  # --look-loss-weight
+        self._look_sum, self._look_count = 0.0, 0
 
     # ----- setup -------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -110,6 +114,8 @@ class _Run:
             skip_bad=s.skip_bad,
             report_path=self.out / "data_report.json" if proc.is_main else None,
         )
+        if s.look_loss_weight > 0 and not any(e.look for e in examples):
+            raise ValueError("--look-loss-weight: no answer in the data gives 'regions' (see docs/finetune.md)")
         if proc.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             text = json.dumps(s.as_dict(), indent=2, ensure_ascii=False) + "\n"
@@ -125,6 +131,8 @@ class _Run:
             if s.loss_vocab == "data"
             else None
         )
+        if s.look_loss_weight > 0:
+            self.look = LookLoss(tm.core, s.look_loss_layer, s.look_loss_heads)
         dataset = SupervisedDataset(examples, image_size)
         sampler = ResumableBatchSampler(
             len(dataset),
@@ -259,6 +267,9 @@ class _Run:
                 run_tokens += tokens
                 result.global_step = state.global_step
                 result.losses.append(loss)
+                if self._look_count:
+                    result.look_losses.append(self._look_sum / self._look_count)
+                    self._look_sum, self._look_count = 0.0, 0
                 elapsed = time.monotonic() - start
                 tokens_per_s = run_tokens / max(elapsed, 1e-9)
                 lr = scheduler.get_last_lr()[0]
@@ -290,15 +301,15 @@ class _Run:
             # DDP, FSDP and DeepSpeed average gradients over processes: ``* world_size`` undoes their 1/N.
             if self.engine is not None:
                 self.engine.set_gradient_accumulation_boundary(last)  # also for a short last window
-                micro = self._micro_loss(self.engine, batch)
-                self.engine.backward(micro * proc.world_size / denominator, scale_wrt_gas=False)
+                micro, objective = self._micro_loss(self.engine, batch)
+                self.engine.backward(objective * proc.world_size / denominator, scale_wrt_gas=False)
                 self.engine.step()  # the optimizer, clipping and scheduler step on the boundary only
             else:
                 sharding.set_gradient_sync(model, last)
                 sync = nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
                 with sync:
-                    micro = self._micro_loss(model, batch)
-                    scaled = micro * proc.world_size / denominator
+                    micro, objective = self._micro_loss(model, batch)
+                    scaled = objective * proc.world_size / denominator
                     (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += micro.detach().double()
         all_reduce_sum(loss_sum)
@@ -316,10 +327,15 @@ class _Run:
         else:
             optimizer.step()
 
-    def _micro_loss(self, model, batch: dict) -> torch.Tensor:
-        """Sum of the token losses of one micro-batch (float32 scalar)."""
+    def _micro_loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of the token losses of one micro-batch, and the objective to differentiate: the same
+        plus, under ``--look-loss-weight w``, ``w * look loss * the micro-batch's trained tokens``
+        (so that after the division by the window's trained tokens it weighs like a mean)."""
         device, dtype = self.proc.device, self.tm.dtype
         images = [im.to(device, dtype) for im in batch["images"]] if batch["images"] else None
+        look = self.look if self.look is not None and batch.get("look") else None
+        if look is not None:
+            look.arm(batch["look"])
         mixed = self.tm.autocast
         with torch.autocast(device.type, dtype=mixed) if mixed is not None else nullcontext():
             out = model(
@@ -331,7 +347,14 @@ class _Run:
                 compute_logits=False,  # lm_head runs on the trained positions only
                 loss_vocab=self.loss_vocab,
             )
-        return out.loss.float()
+        loss = out.loss.float()
+        look_loss = look.take() if look is not None else None
+        if look_loss is None:
+            return loss, loss
+        self._look_sum += float(look_loss.detach())
+        self._look_count += 1
+        trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return loss, loss + self.s.look_loss_weight * look_loss * trained
 
     def _save(self, optimizer, scheduler, state: TrainState, log: LossLog | None) -> None:
         rng = gather_rng_states()

@@ -22,6 +22,7 @@ from ..images import ImageLoadError, ImagePolicy, load_image
 from ..model.saving import atomic_write
 from ..tokenizer import IMG_TOKEN_SPAN, QWenTokenizer
 from .records import DataError, Record, parse_record, read_raw
+from .regions import RegionError, look_targets
 from .supervised import TRUNCATION_POLICIES, Example, TurnEncodingError, encode_conversation, fit_length
 
 #: How many problems a ``DataValidationError`` message lists before counting the rest.
@@ -204,6 +205,7 @@ def _example(
     tokenizer: QWenTokenizer,
     images: _ImageChecker,
     report: ValidationReport,
+    image_cells: int,
 ) -> Example | None:
     """The valid record as an ``Example`` fitted to the length limit, or ``None`` with its
     problem added to ``report``."""
@@ -234,11 +236,27 @@ def _example(
         )
         report.entries.append(ReportEntry(record.error(f"conversations[{2 * kept}]", message), "truncated"))
     paths = tuple(p for i in range(2 * kept) for p in paths_of[f"conversations[{i}].value"])
-    return Example(record.id, record.file, record.line, encoded.input_ids, encoded.labels, paths, str(images.root))
+    regions = record.regions()[:kept]
+    look = ()
+    if any(regions):
+        answers = [answer for _, answer in pairs[:kept]]
+        try:
+            look = tuple(look_targets(tokenizer, encoded, answers, regions, tokenizer.img_start_id, image_cells))
+        except RegionError as exc:
+            report.entries.append(ReportEntry(record.error(f"conversations[{exc.turn}].regions", str(exc)), "skipped"))
+            return None
+    return Example(
+        record.id, record.file, record.line, encoded.input_ids, encoded.labels, paths, str(images.root), look
+    )
 
 
 def _read_file(
-    file: str | Path, tokenizer: QWenTokenizer, images: _ImageChecker, system: str, report: ValidationReport
+    file: str | Path,
+    tokenizer: QWenTokenizer,
+    images: _ImageChecker,
+    system: str,
+    report: ValidationReport,
+    image_cells: int,
 ) -> list[Example]:
     """The examples of one data file; every problem goes to ``report``."""
     examples: list[Example] = []
@@ -255,7 +273,13 @@ def _read_file(
         report.entries += [ReportEntry(e, "skipped") for e in errors + content_errors]
         if record is not None and not content_errors:
             example = _example(
-                record, system if record.system is None else record.system, paths_of, tokenizer, images, report
+                record,
+                system if record.system is None else record.system,
+                paths_of,
+                tokenizer,
+                images,
+                report,
+                image_cells,
             )
             if example is not None:
                 examples.append(example)
@@ -272,6 +296,7 @@ def validate_data(
     system: str = DEFAULT_SYSTEM,
     skip_bad: bool = False,
     report_path: str | Path | None = None,
+    image_cells: int = 256,
 ) -> tuple[list[Example], ValidationReport]:
     """Read and check every record of the data file(s); return the training examples and the report.
 
@@ -281,7 +306,8 @@ def validate_data(
     them (reported, not an error), ``"fail"`` (an error), or ``"truncate"`` after the last whole
     user/assistant pair that fits (dropped if none fits). With ``skip_bad=False`` any invalid record
     raises ``DataValidationError``; with ``skip_bad=True`` invalid records are left out. The report
-    is written to ``report_path`` when given, in both cases.
+    is written to ``report_path`` when given, in both cases. ``image_cells`` is the number of
+    features the vision tower gives a picture (a square grid), for the look targets of ``regions``.
     """
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation must be one of {', '.join(TRUNCATION_POLICIES)}, got {truncation!r}")
@@ -295,7 +321,7 @@ def validate_data(
     examples: list[Example] = []
     for file in files:
         root = Path(image_root if image_root is not None else Path(file).parent).resolve()
-        examples += _read_file(file, tokenizer, _ImageChecker(root), system, report)
+        examples += _read_file(file, tokenizer, _ImageChecker(root), system, report, image_cells)
     order = {name: i for i, name in enumerate(report.files)}
     report.entries.sort(key=lambda e: (order.get(e.error.file, 0), e.error.line or 0))
     report.kept = len(examples)

@@ -19,7 +19,9 @@ mkdir -p "$work/data"
 synth() {  # synth NAME N SEED [extra qwen-vl synth options]
     local name=$1 n=$2 seed=$3
     shift 3
-    [ -f "$work/data/$name/manifest.json" ] || qwen-vl synth --out "$work/data/$name" --n "$n" --seed "$seed" "$@"
+    # data from an older generator (before answers carried their regions) is made again
+    grep -qs '"version": 2' "$work/data/$name/manifest.json" ||
+        qwen-vl synth --out "$work/data/$name" --n "$n" --seed "$seed" "$@"
 }
 synth multiturn "$N_MULTITURN" "$SEED_MULTITURN" --kinds multiturn --turns "$TURNS"
 synth single "$N_SINGLE" "$SEED_SINGLE" --kinds "$SINGLE_KINDS"
@@ -36,10 +38,11 @@ resume=()
 if compgen -G "$work/run/checkpoint-*" >/dev/null; then resume=(--resume); fi
 qwen-vl finetune --model "$work/vision/final" --output-dir "$work/run" \
     --data "$work/data/multiturn/data.json" "$work/data/single/data.json" \
-    --fix-vit --fix-resampler --dtype float32 --seed "$SEED_TRAIN" \
+    --fix-vit --fix-resampler --dtype float32 --seed "$SEED_TRAIN" --loss-vocab data \
     --batch-size "$BATCH_SIZE" --gradient-accumulation-steps 1 --epochs "$EPOCHS" \
     --learning-rate "$LEARNING_RATE" --lr-scheduler cosine --warmup-ratio "$WARMUP_RATIO" \
     --weight-decay "$WEIGHT_DECAY" --max-grad-norm 1.0 --model-max-length 1024 \
+    --look-loss-weight "$LOOK_LOSS_WEIGHT" --look-loss-layer "$LOOK_LOSS_LAYER" --look-loss-heads "$LOOK_LOSS_HEADS" \
     --save-steps "$SAVE_STEPS" --save-total-limit 2 --logging-steps 10 "${resume[@]}"
 
 qwen-vl eval --task synthetic --data "$work/data/heldout" --model "$work/run/final" --out "$work/eval" \
