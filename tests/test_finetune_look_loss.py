@@ -174,7 +174,5 @@ def test_training_with_the_look_loss_teaches_the_layer_where_to_look(checkpoint_
     )
     assert len(result.look_losses) == 12 and all(torch.isfinite(torch.tensor(result.look_losses)))
     assert sum(result.look_losses[-3:]) / 3 < 0.7 * sum(result.look_losses[:3]) / 3
-    plain = train(
-        settings(checkpoint_dir, folder / "data.json", tmp_path / "plain", max_steps=2, **common), quiet=True
-    )
+    plain = train(settings(checkpoint_dir, folder / "data.json", tmp_path / "plain", max_steps=2, **common), quiet=True)
     assert plain.look_losses == []

@@ -133,7 +133,17 @@ def test_settings_name_the_bad_option(checkpoint_dir, tmp_path):
         settings(checkpoint_dir, tmp_path / "d.json", tmp_path, lr_scheduler="step")
     with pytest.raises(ValueError, match="--warmup-ratio must be within"):
         settings(checkpoint_dir, tmp_path / "d.json", tmp_path, warmup_ratio=2.0)
+    with pytest.raises(ValueError, match="--dataloader-workers must not be negative, got -1"):
+        settings(checkpoint_dir, tmp_path / "d.json", tmp_path, dataloader_workers=-1)
     assert settings(checkpoint_dir, tmp_path / "d.json", tmp_path, q_lora=True).mode() == "q-lora"
+
+
+def test_dataloader_workers_read_the_same_batches(checkpoint_dir, tmp_path):
+    data = make_data(tmp_path / "data", copies=2)
+    kw = dict(batch_size=2, max_steps=3, learning_rate=1e-3, fix_vit=True)
+    inline = train(settings(checkpoint_dir, data, tmp_path / "inline", **kw), quiet=True)
+    ahead = train(settings(checkpoint_dir, data, tmp_path / "ahead", dataloader_workers=2, **kw), quiet=True)
+    assert ahead.losses == inline.losses and len(inline.losses) == 3
 
 
 @pytest.mark.slow

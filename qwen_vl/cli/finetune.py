@@ -93,6 +93,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--save-total-limit", type=int, default=3, help="checkpoints kept")
     run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     run.add_argument("--logging-steps", type=int, default=1)
+    run.add_argument(
+        "--dataloader-workers",
+        type=int,
+        default=0,
+        help="processes that open and resize the next batches' pictures while the model trains (0: in the step)",
+    )
     shard = run.add_mutually_exclusive_group()
     shard.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state (FSDP2)")
     shard.add_argument(
@@ -113,8 +119,8 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
         "learning_rate", "weight_decay", "adam_beta2", "lr_scheduler", "warmup_ratio", "max_grad_norm", "epochs",
         "max_steps", "batch_size", "gradient_accumulation_steps", "group_by_length", "loss_vocab", "look_loss_weight",
         "look_loss_layer", "look_loss_heads", "dtype", "device",
-        "gradient_checkpointing", "seed", "save_steps", "save_total_limit", "resume", "logging_steps", "fsdp",
-        "deepspeed",
+        "gradient_checkpointing", "seed", "save_steps", "save_total_limit", "resume", "logging_steps", "dataloader_workers",
+        "fsdp", "deepspeed",
     )  # fmt: skip
     values = {n: getattr(args, n) for n in names}
     if args.system is not None:

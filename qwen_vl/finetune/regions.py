@@ -135,7 +135,9 @@ def look_targets(
             by_start: dict[int, list[int]] = {}
             for r in turn_regions:
                 if r.image > seen:
-                    raise RegionError(2 * k + 1, f"picture {r.image}, but the conversation shows {seen} up to this answer")
+                    raise RegionError(
+                        2 * k + 1, f"picture {r.image}, but the conversation shows {seen} up to this answer"
+                    )
                 first = span_starts[r.image - 1] + 1
                 keys = by_start.setdefault(len(answers[k][: r.start].encode("utf-8")), [])
                 keys.extend(first + c for c in box_cells(r.box, grid))

@@ -72,6 +72,7 @@ class FinetuneSettings:
     save_total_limit: int | None = 3
     resume: bool = False
     logging_steps: int = 1
+    dataloader_workers: int = 0  # processes that read pictures ahead of the training step (0: in the step)
     # sharding over the processes of a torchrun group
     fsdp: bool = False
     deepspeed: str | Path | None = None  # a JSON config, or "zero2", "zero3", "zero3_offload"
@@ -105,6 +106,7 @@ class FinetuneSettings:
             "save_steps",
             "look_loss_weight",
             "look_loss_layer",
+            "dataloader_workers",
         )
         for name in non_negative:
             if getattr(self, name) < 0:

@@ -24,6 +24,7 @@ import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TextIO
 
@@ -150,8 +151,10 @@ class _Run:
         loader = DataLoader(
             dataset,
             batch_sampler=sampler,
-            collate_fn=lambda batch: collate(batch, tokenizer.eod_id),
+            collate_fn=partial(collate, pad_id=tokenizer.eod_id),
             generator=torch.Generator().manual_seed(s.seed),
+            num_workers=s.dataloader_workers,
+            persistent_workers=s.dataloader_workers > 0,
         )
         micro_per_epoch = len(sampler.batches())
         steps_per_epoch = math.ceil(micro_per_epoch / s.gradient_accumulation_steps)

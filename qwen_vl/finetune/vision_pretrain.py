@@ -19,6 +19,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
@@ -207,9 +208,14 @@ def pretrain_vision(s: VisionPretrainSettings, *, stream: TextIO | None = None, 
     progress = TrainingProgress(s.steps, stream, quiet, start_step=step, unit="pictures/s")
     params = tower + list(heads.parameters())
     seen_start, started = step, time.monotonic()
+    # the next batch's pictures are opened and resized in a thread while this one trains
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pictures")
     try:
+        upcoming = reader.submit(train.batch, step, s.batch_size)
         while step < s.steps:
-            pixels, truth = train.batch(step, s.batch_size)
+            pixels, truth = upcoming.result()
+            if step + 1 < s.steps:
+                upcoming = reader.submit(train.batch, step + 1, s.batch_size)
             losses = cell_losses(heads(visual(pixels)), truth)
             loss = losses["colour"] + losses["shape"] + losses["chars"] + s.box_weight * losses["box"]
             optimizer.zero_grad(set_to_none=True)
@@ -231,6 +237,7 @@ def pretrain_vision(s: VisionPretrainSettings, *, stream: TextIO | None = None, 
                 with (out / LOG_FILE).open("a", encoding="utf-8") as log:
                     log.write(json.dumps(row) + "\n")
     finally:
+        reader.shutdown(cancel_futures=True)
         progress.close()
     final = out / FINAL_DIR
     write_model_directory(
