@@ -47,7 +47,9 @@ def test_trains_the_tower_only_and_writes_a_checkpoint(start, tmp_path):
     assert "transformer.visual.attn_pool.pos_embed" not in changed
     assert (final / "qwen.tiktoken").is_file() and (final / "config.json").is_file()
     log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
-    assert len(log) == 2 and '"heldout_colour_acc"' in log[-1]
+    assert len(log) == 2 and all(
+        f'"heldout_{k}"' in log[-1] for k in ("colour_acc", "char_acc", "empty_acc", "no_letter_acc")
+    )
 
 
 def test_interrupted_run_resumes_to_the_same_weights(start, tmp_path, monkeypatch):
@@ -109,3 +111,16 @@ def test_cli_and_missing_data(start, tmp_path, capsys):
         ]
     )
     assert code == 2 and "no truth.jsonl" in capsys.readouterr().err
+
+
+def test_rare_labels_weigh_as_much_as_the_empty_places():
+    logits = torch.randn(2, 8, 3)
+    labels = torch.zeros(2, 8, dtype=torch.long)
+    labels[0, 0], labels[1, 5] = 2, 1
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    on = labels.flatten() > 0
+    expected = ce[on].mean() + ce[~on].mean()
+    assert torch.allclose(vision_pretrain.balanced_cross_entropy(logits, labels), expected)
+    empty = torch.zeros(2, 8, dtype=torch.long)
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), empty.flatten())
+    assert torch.allclose(vision_pretrain.balanced_cross_entropy(logits, empty), plain)

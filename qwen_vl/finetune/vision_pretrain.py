@@ -84,22 +84,32 @@ class CellHeads(nn.Module):
         return CellTargets(self.colour(f), self.shape(f), self.box(f).sigmoid(), chars)
 
 
+def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (logits (..., C), labels (...)) averaged over the labelled places (label > 0)
+    plus averaged over the empty ones (label 0): the few cells with an object or a letter weigh
+    as much as the many without, which a plain mean would let the tower ignore."""
+    ce = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none")
+    labelled = labels.flatten() > 0
+    return sum(ce[where].mean() for where in (labelled, ~labelled) if where.any())
+
+
 def cell_losses(pred: CellTargets, truth: CellTargets) -> dict[str, torch.Tensor]:
-    """Cross-entropy of colour, shape and letters over all cells; mean L1 of boxes over object cells."""
+    """Balanced cross-entropy of colour, shape and letters; mean L1 of boxes over object cells."""
     on_object = truth.colour > 0
     box = (pred.box - truth.box).abs().mean(-1)[on_object]
     return {
-        "colour": F.cross_entropy(pred.colour.flatten(0, 2), truth.colour.flatten()),
-        "shape": F.cross_entropy(pred.shape.flatten(0, 2), truth.shape.flatten()),
+        "colour": balanced_cross_entropy(pred.colour, truth.colour),
+        "shape": balanced_cross_entropy(pred.shape, truth.shape),
         "box": box.mean() if box.numel() else pred.box.sum() * 0.0,
-        "chars": F.cross_entropy(pred.chars.flatten(0, 3), truth.chars.flatten()),
+        "chars": balanced_cross_entropy(pred.chars, truth.chars),
     }
 
 
 @torch.no_grad()
 def cell_scores(pred: CellTargets, truth: CellTargets) -> dict[str, float]:
-    """Accuracies on object cells (colour, shape), on letter samples (chars), and the mean box
-    edge error in the 0-1000 space."""
+    """Accuracies on object cells (colour, shape), on letter samples (chars), on the cells and
+    samples with nothing there (empty, no_letter: told apart from objects and letters), and the
+    mean box edge error in the 0-1000 space."""
     on_object, on_letter = truth.colour > 0, truth.chars > 0
 
     def share(hit: torch.Tensor, where: torch.Tensor) -> float:
@@ -109,6 +119,8 @@ def cell_scores(pred: CellTargets, truth: CellTargets) -> dict[str, float]:
         "colour_acc": share(pred.colour.argmax(-1) == truth.colour, on_object),
         "shape_acc": share(pred.shape.argmax(-1) == truth.shape, on_object),
         "char_acc": share(pred.chars.argmax(-1) == truth.chars, on_letter),
+        "empty_acc": share(pred.colour.argmax(-1) == 0, ~on_object),
+        "no_letter_acc": share(pred.chars.argmax(-1) == 0, ~on_letter),
         "box_error_1000": 1000 * float((pred.box - truth.box).abs().mean(-1)[on_object].mean())
         if on_object.any()
         else float("nan"),
