@@ -182,6 +182,24 @@ def test_sizes_counts_margins_and_no_overlap():
             assert min(x2 - x1, y2 - y1) >= 0.05 * scene.short_side
 
 
+def test_squares_and_rectangles_stay_apart_once_squashed_into_a_square():
+    """The model sees every picture resized to a square; a square must still look square there."""
+    seen = Counter()
+    for scene in scenes(300, seed=8):
+        for obj in scene.objects:
+            if obj.shape not in ("square", "rectangle"):
+                continue
+            x1, y1, x2, y2 = obj.box
+            squashed = ((x2 - x1) / scene.width) / ((y2 - y1) / scene.height)
+            long_over_short = max(squashed, 1 / squashed)
+            seen[obj.shape] += 1
+            if obj.shape == "square":
+                assert long_over_short <= 1.3, (scene, obj)
+            else:
+                assert long_over_short >= 1.5, (scene, obj)
+    assert seen["square"] > 20 and seen["rectangle"] > 20
+
+
 def test_backgrounds_never_take_a_shape_colour():
     shape_colours = np.array(list(COLOURS.values()), dtype=np.int16)  # (C, 3)
     kinds = Counter()

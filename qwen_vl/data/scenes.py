@@ -58,7 +58,11 @@ NOISE_AMPLITUDE = 10
 NOISE_BLOCK = 4
 
 MIN_SIDE, MAX_SIDE = 224, 640
-MAX_ASPECT = 2.0
+#: Pictures are at most 1.25 times as long as wide: the model sees them squashed into a
+#: square, so a square in a long picture would look like a rectangle (RECTANGLE_ASPECT).
+MAX_ASPECT = 1.25
+#: Long side over short side of a rectangle: still at least 1.6 after the squashing.
+RECTANGLE_ASPECT = (2.0, 2.4)
 MAX_OBJECTS = 6
 WORD_PROBABILITY = 0.3
 RANDOM_LETTERS_PROBABILITY = 0.2
@@ -241,8 +245,9 @@ def shape_mask(shape: str, w: int, h: int) -> tuple[Image.Image, IntBox]:
 
 def frame_size(shape: str, long_side: int, rng: random.Random) -> tuple[int, int]:
     """Width and height of the drawing frame of ``shape`` whose longer side is ``long_side``."""
-    if shape == "rectangle":
-        short = round(long_side / rng.uniform(1.6, 1.9))
+    if shape == "rectangle":  # 1.3 times longer, so that a small one is not a thin line
+        long_side = round(1.3 * long_side)
+        short = round(long_side / rng.uniform(*RECTANGLE_ASPECT))
         return (long_side, short) if rng.random() < 0.5 else (short, long_side)
     if shape in ("triangle", "hexagon"):
         return long_side, round(long_side * 0.87)
@@ -364,7 +369,7 @@ def place_word(width: int, height: int, taken: list[IntBox], rng: random.Random)
 def sample_size(rng: random.Random) -> tuple[int, int]:
     """Width and height in ``[MIN_SIDE, MAX_SIDE]`` with an aspect ratio of at most ``MAX_ASPECT``."""
     width = rng.randint(MIN_SIDE, MAX_SIDE)
-    lo, hi = max(MIN_SIDE, -(-width // 2)), min(MAX_SIDE, int(width * MAX_ASPECT))
+    lo, hi = max(MIN_SIDE, math.ceil(width / MAX_ASPECT)), min(MAX_SIDE, int(width * MAX_ASPECT))
     return width, rng.randint(lo, hi)
 
 

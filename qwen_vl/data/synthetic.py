@@ -37,7 +37,7 @@ from .regions import answer_regions
 from .scenes import Scene, change_scene, render_scene, sample_scene
 
 GENERATOR = "qwen-vl shapes world"
-GENERATOR_VERSION = 2  # 2: answers carry their regions
+GENERATOR_VERSION = 3  # 2: answers carry their regions; 3: pictures at most 1.25:1, longer rectangles
 DEFAULT_TURNS = (2, 3)  # questions in a multiturn record
 IMAGE_DIR = "images"
 #: zlib level of the PNG files (fast; the "Up" filter keeps flat scenes small anyway).

@@ -16,12 +16,14 @@ base=$repo/qwen_vl/demo_model
 source "$here/settings.env"
 mkdir -p "$work/data"
 
+version=$(python -c "from qwen_vl.data import GENERATOR_VERSION; print(GENERATOR_VERSION)")
 synth() {  # synth NAME N SEED [extra qwen-vl synth options]
     local name=$1 n=$2 seed=$3
     shift 3
-    # data from an older generator (before answers carried their regions) is made again
-    grep -qs '"version": 2' "$work/data/$name/manifest.json" ||
-        qwen-vl synth --out "$work/data/$name" --n "$n" --seed "$seed" "$@"
+    # data from another version of the generator is made again, and what was trained on it goes
+    grep -qs "\"version\": $version," "$work/data/$name/manifest.json" && return
+    rm -rf "$work/vision" "$work/run" "$work/eval"
+    qwen-vl synth --out "$work/data/$name" --n "$n" --seed "$seed" "$@"
 }
 synth multiturn "$N_MULTITURN" "$SEED_MULTITURN" --kinds multiturn --turns "$TURNS"
 synth single "$N_SINGLE" "$SEED_SINGLE" --kinds "$SINGLE_KINDS"
