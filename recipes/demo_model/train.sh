@@ -33,7 +33,7 @@ synth heldout "$N_HELDOUT" "$SEED_HELDOUT"
 
 [ -d "$work/vision/final" ] || qwen-vl pretrain-vision --model "$work/init" --output-dir "$work/vision" \
     --data "$work/data/multiturn" "$work/data/single" --eval-data "$work/data/heldout" \
-    --steps "$VISION_STEPS" --batch-size "$VISION_BATCH_SIZE" --learning-rate "$VISION_LEARNING_RATE" \
+    --steps "$VISION_STEPS" --batch-size "$VISION_BATCH_SIZE" --learning-rate "$VISION_LEARNING_RATE" --box-weight "$VISION_BOX_WEIGHT" \
     --seed "$SEED_INIT" --save-steps 100
 
 resume=()
