@@ -6,6 +6,7 @@ life, and the ``qwen-vl demo`` command's checks. The browser and API tests are i
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from PIL import Image, ImageDraw
 import qwen_vl
 from qwen_vl.cli import main
 from qwen_vl.cli.options import GenerationOptions
+from qwen_vl.data.scenes import sample_scene
 from qwen_vl.demo import (
     ChatHandlers,
     Conversation,
@@ -26,7 +28,7 @@ from qwen_vl.demo import (
     GenerationSettings,
     UploadFolder,
 )
-from qwen_vl.demo.examples import PROMPTS, example_messages, example_picture
+from qwen_vl.demo.examples import EXAMPLE_SEED, PROMPTS, example_messages, example_picture
 from qwen_vl.demo.uploads import GRADIO_TEMP_ENV
 from qwen_vl.engine.request import GenerationRequest, RequestHandle, StreamEvent
 from qwen_vl.engine.sampling import SamplingParams
@@ -346,11 +348,13 @@ def test_upload_folder_lives_with_the_app(tmp_path, monkeypatch):
 
 def test_examples_are_english_and_chinese(tmp_path):
     picture = example_picture(tmp_path)
-    assert Image.open(picture).size == (630, 608)
+    assert Image.open(picture).size == (476, 471)
     rows = example_messages(picture)
     assert len(rows) == len(PROMPTS) and rows[0] == [{"text": "Describe the picture.", "files": [str(picture)]}]
     assert any(p.isascii() for p in PROMPTS) and sum(not p.isascii() for p in PROMPTS) >= 3
     assert "框出图中黄色的圆形的位置" in PROMPTS
+    scene = sample_scene(random.Random(EXAMPLE_SEED))  # the prompts' yellow circle is there, once
+    assert [(o.colour, o.shape) for o in scene.objects].count(("yellow", "circle")) == 1
 
 
 def test_settings_shown_at_start():

@@ -14,8 +14,9 @@ from typing import Any
 from ..data.scenes import render_scene, sample_scene
 from ..grounding import chat_grounding_prompt
 
-#: The scene of the example picture: a yellow circle, a purple rectangle, an orange hexagon.
-EXAMPLE_SEED = 6
+#: The scene of the example picture: a yellow circle, a red star and hexagon, a blue and a green
+#: rectangle, and the word EGG.
+EXAMPLE_SEED = 133
 EXAMPLE_NAME = "shapes-example.png"
 
 PROMPTS: tuple[str, ...] = (
