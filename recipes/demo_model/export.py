@@ -35,7 +35,10 @@ def main(final: Path, package_dir: Path, eval_dir: Path) -> int:
     with tempfile.TemporaryDirectory(dir=package_dir) as tmp:
         (written,) = save_checkpoint(model, Path(tmp), safe_serialization=True, max_shard_bytes=2**40)
         shutil.move(str(written), package_dir / "model.safetensors")  # same file system: a rename
-    metrics = json.loads((eval_dir / "synthetic" / "metrics.json").read_text(encoding="utf-8"))
+    scores = eval_dir / "synthetic" / "metrics.json"
+    metrics = json.loads(scores.read_text(encoding="utf-8")).get("metrics")
+    if not isinstance(metrics, dict):
+        raise SystemExit(f"{scores}: no 'metrics' object (write it with qwen-vl eval --task synthetic)")
     checks = {k: {"value": metrics.get(k), "bar": bar, "met": (metrics.get(k) or 0) >= bar} for k, bar in BARS.items()}
     gap = metrics.get("en_zh_gap")
     checks["en_zh_gap"] = {"value": gap, "bar": MAX_EN_ZH_GAP, "met": gap is not None and abs(gap) <= MAX_EN_ZH_GAP}
