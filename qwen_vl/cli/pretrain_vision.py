@@ -29,7 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head-learning-rate", type=float, default=d.head_learning_rate, help="of the read-outs")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--box-weight", type=float, default=d.box_weight, help="weight of the box loss")
+    p.add_argument(
+        "--box-weight", type=float, default=d.box_weight, help="weight of the box loss (L1 of the box fractions)"
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--save-steps", type=int, default=d.save_steps)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
