@@ -48,6 +48,12 @@ class CellTargets:
         return cls(*(combine([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
 
+def cells_within(lo: float, hi: float, grid: int, scale: float = 1.0) -> list[int]:
+    """Indices of the ``grid`` cells along one side whose centres, ``(k + 0.5) / grid * scale``,
+    lie in ``[lo, hi)`` (``scale``: the side's length in the units of ``lo`` and ``hi``)."""
+    return [k for k in range(grid) if lo <= (k + 0.5) / grid * scale < hi]
+
+
 def cell_targets(scene: Scene, grid: int = 16, samples: int = 4) -> CellTargets:
     """The per-cell labels of ``scene`` on a ``grid x grid`` raster (see the module docs)."""
     W, H = scene.width, scene.height
@@ -55,13 +61,10 @@ def cell_targets(scene: Scene, grid: int = 16, samples: int = 4) -> CellTargets:
     shape = torch.zeros(grid, grid, dtype=torch.long)
     box = torch.zeros(grid, grid, 4)
     chars = torch.zeros(grid, grid, samples, dtype=torch.long)
-    centres = [(k + 0.5) / grid for k in range(grid)]
     for obj in scene.objects:
         x1, y1, x2, y2 = obj.box
-        rows = [i for i, c in enumerate(centres) if y1 <= c * H < y2]
-        cols = [j for j, c in enumerate(centres) if x1 <= c * W < x2]
-        for i in rows:
-            for j in cols:
+        for i in cells_within(y1, y2, grid, H):
+            for j in cells_within(x1, x2, grid, W):
                 colour[i, j] = _COLOUR_INDEX[obj.colour]
                 shape[i, j] = _SHAPE_INDEX[obj.shape]
                 box[i, j] = torch.tensor([x1 / W, y1 / H, x2 / W, y2 / H])
@@ -69,9 +72,7 @@ def cell_targets(scene: Scene, grid: int = 16, samples: int = 4) -> CellTargets:
         font = font_for(word.font_size)
         edges = [word.origin[0] + font.getlength(word.text[:k]) for k in range(len(word.text) + 1)]
         _, y1, _, y2 = word.box
-        for i, c in enumerate(centres):
-            if not y1 <= c * H < y2:
-                continue
+        for i in cells_within(y1, y2, grid, H):
             for j in range(grid):
                 for s in range(samples):
                     x = (j + (s + 0.5) / samples) / grid * W

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..data.dense_targets import cells_within
 from ..tokenizer import QWenTokenizer
 from .supervised import IGNORE_INDEX, Encoded
 
@@ -96,10 +97,9 @@ def parse_regions(value: Any, where: str, answer: str, fail: Callable[[str, str]
 def box_cells(box: Sequence[int], grid: int) -> list[int]:
     """Row-major indices of the ``grid x grid`` cells whose centres lie in ``box`` (0-1000 scale);
     the cell under the box's centre when no centre does (a box smaller than a cell)."""
-    x1, y1, x2, y2 = (v / 1000 for v in box)
-    centres = [(k + 0.5) / grid for k in range(grid)]
-    rows = [i for i, c in enumerate(centres) if y1 <= c < y2] or [min(grid - 1, int((y1 + y2) / 2 * grid))]
-    cols = [j for j, c in enumerate(centres) if x1 <= c < x2] or [min(grid - 1, int((x1 + x2) / 2 * grid))]
+    x1, y1, x2, y2 = box
+    rows = cells_within(y1, y2, grid, 1000) or [min(grid - 1, int((y1 + y2) / 2000 * grid))]
+    cols = cells_within(x1, x2, grid, 1000) or [min(grid - 1, int((x1 + x2) / 2000 * grid))]
     return [i * grid + j for i in rows for j in cols]
 
 

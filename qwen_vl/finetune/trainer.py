@@ -293,7 +293,8 @@ class _Run:
     def _step(self, model, window: list[dict], params: list[torch.nn.Parameter]) -> tuple[float, int]:
         """Forward and backward over one window of micro-batches; returns (loss, tokens)."""
         proc, device = self.proc, self.proc.device
-        trained = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window), device=device)
+        trained_per_batch = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window]
+        trained = torch.tensor(sum(trained_per_batch), device=device)
         tokens = torch.tensor(sum(int(b["attention_mask"].sum()) for b in window), device=device)
         all_reduce_sum(trained)
         all_reduce_sum(tokens)
@@ -304,14 +305,14 @@ class _Run:
             # DDP, FSDP and DeepSpeed average gradients over processes: ``* world_size`` undoes their 1/N.
             if self.engine is not None:
                 self.engine.set_gradient_accumulation_boundary(last)  # also for a short last window
-                micro, objective = self._micro_loss(self.engine, batch)
+                micro, objective = self._micro_loss(self.engine, batch, trained_per_batch[j])
                 self.engine.backward(objective * proc.world_size / denominator, scale_wrt_gas=False)
                 self.engine.step()  # the optimizer, clipping and scheduler step on the boundary only
             else:
                 sharding.set_gradient_sync(model, last)
                 sync = nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
                 with sync:
-                    micro, objective = self._micro_loss(model, batch)
+                    micro, objective = self._micro_loss(model, batch, trained_per_batch[j])
                     scaled = objective * proc.world_size / denominator
                     (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += micro.detach().double()
@@ -330,9 +331,9 @@ class _Run:
         else:
             optimizer.step()
 
-    def _micro_loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _micro_loss(self, model, batch: dict, trained: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of the token losses of one micro-batch, and the objective to differentiate: the same
-        plus, under ``--look-loss-weight w``, ``w * look loss * the micro-batch's trained tokens``
+        plus, under ``--look-loss-weight w``, ``w * look loss * trained`` (the micro-batch's trained tokens)
         (so that after the division by the window's trained tokens it weighs like a mean)."""
         device, dtype = self.proc.device, self.tm.dtype
         images = [im.to(device, dtype) for im in batch["images"]] if batch["images"] else None
@@ -356,7 +357,6 @@ class _Run:
             return loss, loss
         self._look_sum += float(look_loss.detach())
         self._look_count += 1
-        trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         return loss, loss + self.s.look_loss_weight * look_loss * trained
 
     def _save(self, optimizer, scheduler, state: TrainState, log: LossLog | None) -> None:
