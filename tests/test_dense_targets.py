@@ -46,6 +46,11 @@ def test_shape_pixels_carry_their_objects_labels(seed):
                     assert names[int(t.colour[i, j]) - 1] == obj.colour
                     assert SHAPES[int(t.shape[i, j]) - 1] == obj.shape
                     assert np.allclose(t.box[i, j].tolist(), expected)
+                    same_colour = sum(o.colour == obj.colour for o in scene.objects)
+                    same_shape = sum(o.shape == obj.shape for o in scene.objects)
+                    assert t.count[i, j].tolist() == [len(scene.objects), same_colour, same_shape]
+    assert (t.count[..., 0] == len(scene.objects)).all()  # the picture's count is at every cell
+    assert (t.count[..., 1:][t.colour == 0] == 0).all()
 
 
 def _is_subsequence(short: str, long: str) -> bool:

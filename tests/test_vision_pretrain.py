@@ -48,7 +48,7 @@ def test_trains_the_tower_only_and_writes_a_checkpoint(start, tmp_path):
     assert (final / "qwen.tiktoken").is_file() and (final / "config.json").is_file()
     log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     assert len(log) == 2 and all(
-        f'"heldout_{k}"' in log[-1] for k in ("colour_acc", "char_acc", "empty_acc", "no_letter_acc")
+        f'"heldout_{k}"' in log[-1] for k in ("colour_acc", "char_acc", "empty_acc", "no_letter_acc", "count_acc")
     )
 
 

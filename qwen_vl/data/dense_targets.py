@@ -7,7 +7,10 @@ queries: 16 x 16 for Qwen-VL). Every cell gets, at its centre:
 * ``shape``: 1 + index into ``SHAPES`` likewise;
 * ``box``: that object's box as fractions of the picture ``(x1, y1, x2, y2)``, zeros for none;
 * ``chars``: at ``samples`` points spread across the cell's middle row, the letter of a word
-  drawn there (1-26 for A-Z, 0 for none), from the font's own advance widths.
+  drawn there (1-26 for A-Z, 0 for none), from the font's own advance widths;
+* ``count``: how many objects the picture holds (at every cell), and, at an object's cells,
+  how many objects have its colour and how many its shape (0 elsewhere): counting is a
+  property of the whole picture, and written at every cell it is there wherever one looks.
 
 Cells are taken in the stretched square the model sees (pictures are resized to a square),
 so cell (i, j) covers the fractions ``[j/grid, (j+1)/grid)`` across and ``[i/grid, (i+1)/grid)``
@@ -21,11 +24,13 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .scenes import COLOURS, SHAPES, Scene, font_for
+from .scenes import COLOURS, MAX_OBJECTS, SHAPES, Scene, font_for
 
 COLOUR_CLASSES = 1 + len(COLOURS)
 SHAPE_CLASSES = 1 + len(SHAPES)
 CHAR_CLASSES = 27  # none + A-Z
+COUNT_CLASSES = MAX_OBJECTS + 1  # 0-6
+COUNTS = ("all", "same_colour", "same_shape")  # the count labels of a cell, in order
 _COLOUR_INDEX = {name: k + 1 for k, name in enumerate(COLOURS)}
 _SHAPE_INDEX = {name: k + 1 for k, name in enumerate(SHAPES)}
 
@@ -33,12 +38,13 @@ _SHAPE_INDEX = {name: k + 1 for k, name in enumerate(SHAPES)}
 @dataclass(frozen=True)
 class CellTargets:
     """Labels of one picture: ``colour``, ``shape`` (G, G) long; ``box`` (G, G, 4) float;
-    ``chars`` (G, G, samples) long."""
+    ``chars`` (G, G, samples) long; ``count`` (G, G, 3) long (see ``COUNTS``)."""
 
     colour: torch.Tensor
     shape: torch.Tensor
     box: torch.Tensor
     chars: torch.Tensor
+    count: torch.Tensor
 
     @classmethod
     def join(
@@ -61,6 +67,10 @@ def cell_targets(scene: Scene, grid: int = 16, samples: int = 4) -> CellTargets:
     shape = torch.zeros(grid, grid, dtype=torch.long)
     box = torch.zeros(grid, grid, 4)
     chars = torch.zeros(grid, grid, samples, dtype=torch.long)
+    count = torch.zeros(grid, grid, len(COUNTS), dtype=torch.long)
+    count[..., 0] = min(len(scene.objects), MAX_OBJECTS)
+    colours = [o.colour for o in scene.objects]
+    shapes = [o.shape for o in scene.objects]
     for obj in scene.objects:
         x1, y1, x2, y2 = obj.box
         for i in cells_within(y1, y2, grid, H):
@@ -68,6 +78,8 @@ def cell_targets(scene: Scene, grid: int = 16, samples: int = 4) -> CellTargets:
                 colour[i, j] = _COLOUR_INDEX[obj.colour]
                 shape[i, j] = _SHAPE_INDEX[obj.shape]
                 box[i, j] = torch.tensor([x1 / W, y1 / H, x2 / W, y2 / H])
+                count[i, j, 1] = min(colours.count(obj.colour), MAX_OBJECTS)
+                count[i, j, 2] = min(shapes.count(obj.shape), MAX_OBJECTS)
     for word in scene.words:
         font = font_for(word.font_size)
         edges = [word.origin[0] + font.getlength(word.text[:k]) for k in range(len(word.text) + 1)]
@@ -80,4 +92,4 @@ def cell_targets(scene: Scene, grid: int = 16, samples: int = 4) -> CellTargets:
                         if edges[k] <= x < edges[k + 1]:
                             chars[i, j, s] = ord(letter) - ord("A") + 1
                             break
-    return CellTargets(colour, shape, box, chars)
+    return CellTargets(colour, shape, box, chars, count)

@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TextIO
 
@@ -28,7 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.dense_targets import CHAR_CLASSES, COLOUR_CLASSES, SHAPE_CLASSES, CellTargets, cell_targets
+from ..data.dense_targets import (
+    CHAR_CLASSES,
+    COLOUR_CLASSES,
+    COUNT_CLASSES,
+    COUNTS,
+    SHAPE_CLASSES,
+    CellTargets,
+    cell_targets,
+)
 from ..data.scenes import Scene
 from ..images import ImagePolicy, image_transform, load_image
 from ..model.saving import atomic_write
@@ -66,7 +74,7 @@ class VisionPretrainSettings:
 
 
 class CellHeads(nn.Module):
-    """Linear read-outs of every output feature (B, G*G, D): colour, shape, box, letters."""
+    """Linear read-outs of every output feature (B, G*G, D): colour, shape, box, letters, counts."""
 
     def __init__(self, dim: int, char_samples: int) -> None:
         super().__init__()
@@ -75,13 +83,15 @@ class CellHeads(nn.Module):
         self.shape = nn.Linear(dim, SHAPE_CLASSES)
         self.box = nn.Linear(dim, 4)
         self.chars = nn.Linear(dim, char_samples * CHAR_CLASSES)
+        self.count = nn.Linear(dim, len(COUNTS) * COUNT_CLASSES)
 
     def forward(self, features: torch.Tensor) -> CellTargets:
         B, Q, _ = features.shape
         g = math.isqrt(Q)
         f = features.view(B, g, g, -1)
         chars = self.chars(f).view(B, g, g, self.char_samples, CHAR_CLASSES)
-        return CellTargets(self.colour(f), self.shape(f), self.box(f).sigmoid(), chars)
+        count = self.count(f).view(B, g, g, len(COUNTS), COUNT_CLASSES)
+        return CellTargets(self.colour(f), self.shape(f), self.box(f).sigmoid(), chars, count)
 
 
 def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -94,14 +104,19 @@ def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
 
 
 def cell_losses(pred: CellTargets, truth: CellTargets) -> dict[str, torch.Tensor]:
-    """Balanced cross-entropy of colour, shape and letters; mean L1 of boxes over object cells."""
+    """Balanced cross-entropy of colour, shape and letters; mean L1 of boxes over object cells;
+    cross-entropy of the counts (the picture's at every cell, the same-colour and same-shape
+    ones at object cells)."""
     on_object = truth.colour > 0
     box = (pred.box - truth.box).abs().mean(-1)[on_object]
+    count = F.cross_entropy(pred.count.flatten(0, -2), truth.count.flatten(), reduction="none").view(truth.count.shape)
+    same = count[..., 1:][on_object]
     return {
         "colour": balanced_cross_entropy(pred.colour, truth.colour),
         "shape": balanced_cross_entropy(pred.shape, truth.shape),
         "box": box.mean() if box.numel() else pred.box.sum() * 0.0,
         "chars": balanced_cross_entropy(pred.chars, truth.chars),
+        "count": count[..., 0].mean() + (same.mean() if same.numel() else 0.0),
     }
 
 
@@ -109,7 +124,7 @@ def cell_losses(pred: CellTargets, truth: CellTargets) -> dict[str, torch.Tensor
 def cell_scores(pred: CellTargets, truth: CellTargets) -> dict[str, float]:
     """Accuracies on object cells (colour, shape), on letter samples (chars), on the cells and
     samples with nothing there (empty, no_letter: told apart from objects and letters), and the
-    mean box edge error in the 0-1000 space."""
+    mean box edge error in the 0-1000 space; counts: the share of object cells with all three right."""
     on_object, on_letter = truth.colour > 0, truth.chars > 0
 
     def share(hit: torch.Tensor, where: torch.Tensor) -> float:
@@ -121,6 +136,7 @@ def cell_scores(pred: CellTargets, truth: CellTargets) -> dict[str, float]:
         "char_acc": share(pred.chars.argmax(-1) == truth.chars, on_letter),
         "empty_acc": share(pred.colour.argmax(-1) == 0, ~on_object),
         "no_letter_acc": share(pred.chars.argmax(-1) == 0, ~on_letter),
+        "count_acc": share((pred.count.argmax(-1) == truth.count).all(-1), on_object),
         "box_error_1000": 1000 * float((pred.box - truth.box).abs().mean(-1)[on_object].mean())
         if on_object.any()
         else float("nan"),
@@ -229,7 +245,7 @@ def pretrain_vision(s: VisionPretrainSettings, *, stream: TextIO | None = None, 
             if step + 1 < s.steps:
                 upcoming = reader.submit(train.batch, step + 1, s.batch_size)
             losses = cell_losses(heads(visual(pixels)), truth)
-            loss = losses["colour"] + losses["shape"] + losses["chars"] + s.box_weight * losses["box"]
+            loss = losses["colour"] + losses["shape"] + losses["chars"] + losses["count"] + s.box_weight * losses["box"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if s.max_grad_norm > 0:
@@ -274,7 +290,8 @@ def _fingerprint(s: VisionPretrainSettings) -> dict[str, object]:
         "seed",
     )
     d = asdict(s)
-    return {k: list(d[k]) if k == "data" else d[k] for k in keep}
+    # what the heads read out: a state from code with other targets cannot be continued
+    return {k: list(d[k]) if k == "data" else d[k] for k in keep} | {"targets": [f.name for f in fields(CellTargets)]}
 
 
 def _save_state(path: Path, s, visual, heads, optimizer, scheduler, step: int) -> None:

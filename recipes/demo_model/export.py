@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import qwen_vl
-from qwen_vl.model.saving import save_checkpoint
+from qwen_vl.model.saving import atomic_write, save_checkpoint
 
 #: The quality bars the demo model must meet on held-out scenes (percent).
 BARS = {
@@ -43,9 +43,8 @@ def main(final: Path, package_dir: Path, eval_dir: Path) -> int:
     gap = metrics.get("en_zh_gap")
     checks["en_zh_gap"] = {"value": gap, "bar": MAX_EN_ZH_GAP, "met": gap is not None and abs(gap) <= MAX_EN_ZH_GAP}
     quality = {"metrics": metrics, "bars": checks, "all_met": all(c["met"] for c in checks.values())}
-    tmp_json = package_dir / ".quality.json.tmp"
-    tmp_json.write_text(json.dumps(quality, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp_json.replace(package_dir / "quality.json")
+    text = json.dumps(quality, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(package_dir / "quality.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     size = (package_dir / "model.safetensors").stat().st_size
     print(f"model.safetensors: {size / 1e6:.1f} MB; bars met: {quality['all_met']}")
     for name, check in checks.items():
