@@ -19,6 +19,7 @@ down of the original picture.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
@@ -69,17 +70,17 @@ def cell_targets(scene: Scene, grid: int = 16, samples: int = 4) -> CellTargets:
     chars = torch.zeros(grid, grid, samples, dtype=torch.long)
     count = torch.zeros(grid, grid, len(COUNTS), dtype=torch.long)
     count[..., 0] = min(len(scene.objects), MAX_OBJECTS)
-    colours = [o.colour for o in scene.objects]
-    shapes = [o.shape for o in scene.objects]
+    colours = Counter(o.colour for o in scene.objects)
+    shapes = Counter(o.shape for o in scene.objects)
     for obj in scene.objects:
         x1, y1, x2, y2 = obj.box
+        same = torch.tensor([min(colours[obj.colour], MAX_OBJECTS), min(shapes[obj.shape], MAX_OBJECTS)])
         for i in cells_within(y1, y2, grid, H):
             for j in cells_within(x1, x2, grid, W):
                 colour[i, j] = _COLOUR_INDEX[obj.colour]
                 shape[i, j] = _SHAPE_INDEX[obj.shape]
                 box[i, j] = torch.tensor([x1 / W, y1 / H, x2 / W, y2 / H])
-                count[i, j, 1] = min(colours.count(obj.colour), MAX_OBJECTS)
-                count[i, j, 2] = min(shapes.count(obj.shape), MAX_OBJECTS)
+                count[i, j, 1:] = same
     for word in scene.words:
         font = font_for(word.font_size)
         edges = [word.origin[0] + font.getlength(word.text[:k]) for k in range(len(word.text) + 1)]

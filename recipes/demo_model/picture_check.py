@@ -54,9 +54,9 @@ def check(model, tokenizer, folder: Path, per_kind: int = 30) -> list[dict]:
         answers = [a for a, _ in counts.most_common(MAX_OPTIONS)]
         options = [tokenizer.encode(a) + [tokenizer.im_end_id] for a in answers]
         right = {"own": 0, "other": 0}
-        asked = [r for r in records if r["turns"][0]["answer"] in answers][:per_kind]
-        for record in asked:
-            other = records[(records.index(record) + len(records) // 2) % len(records)]
+        asked = [(k, r) for k, r in enumerate(records) if r["turns"][0]["answer"] in answers][:per_kind]
+        for k, record in asked:
+            other = records[(k + len(records) // 2) % len(records)]
             for which, shown in (("own", record), ("other", other)):
                 query = f"Picture 1: <img>{folder / shown['images'][0]}</img>\n{record['turns'][0]['question']}"
                 _, context = make_context(tokenizer, query, system=SYSTEM)
